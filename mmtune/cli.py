@@ -1,0 +1,137 @@
+"""The `mmtune` command: LightningCLI verbs (fit, validate, test, predict) plus `export`.
+
+The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
+`--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
+a run directory per run (`runs/<name>/version_N/`) with CSV and TensorBoard logs, resuming with
+`--ckpt_path last`, `best`/`last` aliases for evaluation, and the class list of a checkpoint carried
+into the task before it is built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+import mmtune  # noqa: F401  (registers the task and data classes for short class_path names)
+from mmtune.errors import ConfigError, MMTuneError
+from mmtune.tasks.common import load_task, read_checkpoint_hparams
+
+RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
+CKPT_ALIASES = {"last": "last.ckpt", "best": "best.ckpt"}
+
+
+def _versions(base: Path) -> list[int]:
+    if not base.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in base.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name)))
+
+
+def _is_child_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0
+
+
+class MMTuneCLI(LightningCLI):
+    """LightningCLI with mmtune's run directories and checkpoint handling."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="Run name (default: the last --config file's name); runs go to runs_dir/run_name/version_N")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of all runs")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        name = cfg.get("run_name")
+        if not name:
+            configs = cfg.get("config") or []
+            name = Path(str(configs[-1])).stem if configs else "run"
+        base = Path(cfg.get("runs_dir") or "runs") / name
+        ckpt = cfg.get("ckpt_path")
+        run_dir: Optional[Path] = None
+        if ckpt in CKPT_ALIASES:
+            found = [base / f"version_{v}" for v in reversed(_versions(base))
+                     if (base / f"version_{v}" / "checkpoints" / CKPT_ALIASES[ckpt]).is_file()]
+            if not found:
+                raise ConfigError(f"--ckpt_path {ckpt}: no {CKPT_ALIASES[ckpt]} under {base}/version_*/checkpoints")
+            run_dir = found[0]
+            cfg.ckpt_path = str(run_dir / "checkpoints" / CKPT_ALIASES[ckpt])
+        elif ckpt:
+            path = Path(ckpt)
+            if not path.is_file():
+                raise ConfigError(f"--ckpt_path {ckpt}: file not found")
+            if path.parent.name == "checkpoints":
+                run_dir = path.parent.parent
+        if _is_child_process() and os.environ.get(RUN_DIR_ENV):
+            run_dir = Path(os.environ[RUN_DIR_ENV])
+        if run_dir is None:
+            run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        self.run_dir = run_dir
+        if cfg.ckpt_path:
+            self._carry_checkpoint_hparams(cfg, cfg.ckpt_path)
+
+    def _carry_checkpoint_hparams(self, cfg, ckpt_path: str) -> None:
+        """A checkpoint's class list (and label mode) is known before the task is built."""
+        init = cfg.model.get("init_args") if hasattr(cfg.model, "get") else None
+        if init is None or "classes" not in init:
+            return
+        saved = read_checkpoint_hparams(ckpt_path)
+        for key in ("classes", "multi_label", "class_weights"):
+            if saved.get(key) is not None and init.get(key) in (None, "balanced"):
+                init[key] = saved[key]
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        run_dir = self.run_dir
+        # Only fit logs curves; evaluation verbs write metrics.json, confusion matrices and predictions
+        # into the run directory, and a logger there would replace the fit's metrics.csv.
+        if self.subcommand != "fit" and trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = False
+        elif trainer_cfg.get("logger") in (None, True):
+            save_dir, name, version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
+            kwargs["logger"] = [CSVLogger(save_dir, name=name, version=version),
+                                TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
+        if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
+            kwargs["default_root_dir"] = str(run_dir)
+        return super().instantiate_trainer(**kwargs)
+
+
+def _export(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="mmtune export", description="Merge adapters and write the model's native format.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="An mmtune checkpoint (.ckpt)")
+    parser.add_argument("--out", type=str, required=True, help="Output directory")
+    args = parser.parse_args(argv)
+    task = load_task(args.ckpt_path)
+    out = task.export(args.out)
+    print(f"[mmtune] exported {args.ckpt_path} -> {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the `mmtune` console script."""
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "export":
+            _export(argv[1:])
+            return
+        MMTuneCLI(
+            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            seed_everything_default=42, auto_configure_optimizers=False, args=None if from_shell else argv,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
+        )
+    except MMTuneError as err:
+        print(f"mmtune: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Classification metrics: accuracy, macro-F1, AUROC (macro and per class), per-class sensitivity and
+specificity, and the confusion matrix, for multi-class and multi-label problems (torchmetrics)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import ConfusionMatrix, MetricCollection
+from torchmetrics.classification import (
+    AUROC,
+    Accuracy,
+    F1Score,
+    Recall,
+    Specificity,
+)
+
+
+class ClassificationMetrics(nn.Module):
+    """Updates from probabilities; thresholds multi-label scores per class before the counting metrics.
+
+    torchmetrics takes one threshold for all labels, so per-class thresholds are applied here and
+    the counting metrics receive 0/1 predictions; AUROC always sees the raw probabilities.
+    """
+
+    def __init__(self, num_classes: int, multi_label: bool, thresholds: Union[float, Sequence[float]] = 0.5,
+                 confusion: bool = False) -> None:
+        super().__init__()
+        task = "multilabel" if multi_label else "multiclass"
+        n = dict(num_labels=num_classes) if multi_label else dict(num_classes=num_classes)
+        micro = "micro"
+        counting = {
+            "accuracy": Accuracy(task=task, average=micro, **n),
+            "f1_macro": F1Score(task=task, average="macro", **n),
+            "sensitivity": Recall(task=task, average=None, **n),
+            "specificity": Specificity(task=task, average=None, **n),
+        }
+        if confusion:
+            counting["confusion"] = ConfusionMatrix(task=task, **n)
+        self.counting = MetricCollection(counting)
+        self.ranking = MetricCollection({"auroc_macro": AUROC(task=task, average="macro", **n),
+                                         "auroc": AUROC(task=task, average=None, **n)})
+        self.multi_label = multi_label
+        t = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+        self.register_buffer("thresholds", t.expand(num_classes).clone() if t.numel() == 1 else t, persistent=False)
+
+    def predict(self, probs: torch.Tensor) -> torch.Tensor:
+        """0/1 predictions (multi-label) or class indices (multi-class)."""
+        if self.multi_label:
+            return (probs >= self.thresholds).long()
+        return probs.argmax(dim=-1)
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        target = target.long()
+        self.counting.update(self.predict(probs), target)
+        self.ranking.update(probs, target)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {**self.counting.compute(), **self.ranking.compute()}
+
+    def reset(self) -> None:
+        self.counting.reset()
+        self.ranking.reset()
+
+
+def write_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], out_dir: Path) -> list[Path]:
+    """Writes `confusion_matrix.csv` and `.png` (rows: true class, columns: predicted class).
+
+    A multi-label (L, 2, 2) matrix is written as one row per label: tn, fp, fn, tp.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out_dir / "confusion_matrix.csv", out_dir / "confusion_matrix.png"
+    m = matrix.detach().cpu().long()
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        if m.ndim == 3:
+            writer.writerow(["label", "tn", "fp", "fn", "tp"])
+            for c, cm in zip(classes, m):
+                writer.writerow([c, *cm.flatten().tolist()])
+        else:
+            writer.writerow(["true \\ predicted", *classes])
+            for c, row in zip(classes, m):
+                writer.writerow([c, *row.tolist()])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = m.numpy() if m.ndim == 2 else m.reshape(len(classes), 4).numpy()
+    cols = list(classes) if m.ndim == 2 else ["tn", "fp", "fn", "tp"]
+    size = max(4.0, 0.5 * max(len(classes), len(cols)) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(grid, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), list(classes))
+    ax.set_xlabel("predicted" if m.ndim == 2 else "outcome")
+    ax.set_ylabel("true" if m.ndim == 2 else "label")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return [csv_path, png_path]

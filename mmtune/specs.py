@@ -1,0 +1,145 @@
+"""Typed specs shared by every task: model reference, adapter, optimizer, checkpoint monitor.
+
+Tasks take these as `__init__` arguments, so LightningCLI/jsonargparse maps YAML onto them, type-checks
+them and prints them with `--print_config`. Components receive the specs (plain values), never the
+YAML. Checkpoints store them as plain dicts (`spec_to_dict`) so they load without unpickling classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, TypeVar, Union
+
+from mmtune.errors import ConfigError
+
+PartPolicy = Literal["frozen", "adapter", "full"]
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from.
+
+    Args:
+        name: a timm name (`timm:convnext_tiny` or plain `convnext_tiny`), a torchvision name
+            (`tv:resnet50`), a hub id (`hf-hub:timm/vit_base_patch16_224.augreg_in21k` for timm; HF
+            ids for the transformers-based tasks), or a local directory written by `save_pretrained`,
+            timm's `save_for_hf` or `mmtune export`.
+        pretrained: load pretrained weights through the family's own factory. Needs the network for
+            hub names; offline, point `name` at a local directory or set `checkpoint`.
+        checkpoint: a local weights file (.safetensors, .pth, .bin, .pt) for the architecture in `name`.
+        kwargs: extra arguments for the factory (timm: `img_size`, `in_chans`, `drop_path_rate`).
+    """
+
+    name: str
+    pretrained: bool = True
+    checkpoint: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterSpec:
+    """Which weights train, and how (applied by `mmtune.adapters.apply_adapter` on top of peft).
+
+    Args:
+        method: `none` (no adapter), or a peft method: `lora`, `dora`, `ia3`, `loha`, `lokr`.
+        r: adapter rank (LoRA/DoRA/LoHa/LoKr).
+        alpha: LoRA scaling numerator (effective scale alpha/r, or alpha/sqrt(r) with `rslora`).
+        dropout: dropout on the adapter input.
+        targets: `auto` (the model family's default table), a list of module names (a name matches
+            a module whose dotted path ends with it), or one regex matched against full module paths.
+        exclude: regex of module paths never adapted, applied after `targets`.
+        parts: policy for each named part of the model: `frozen`, `adapter` or `full` (trained
+            entirely). Classifiers have parts `backbone` and `head`; a part not named gets the default
+            (`adapter` for the backbone when a method is set, else `full`; the head is always `full`).
+            Linear probe: `method: none, parts: {backbone: frozen}`.
+        train_last_n_blocks: also train the last N blocks of the backbone entirely (0: none).
+        rslora: rank-stabilized LoRA scaling.
+    """
+
+    method: Literal["none", "lora", "dora", "ia3", "loha", "lokr"] = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Union[str, list[str]] = "auto"
+    exclude: Optional[str] = None
+    parts: dict[str, PartPolicy] = field(default_factory=dict)
+    train_last_n_blocks: int = 0
+    rslora: bool = False
+
+
+@dataclass
+class OptimizerSpec:
+    """AdamW with decoupled weight decay (none on norms, biases and other 1-D tensors) and a schedule.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decay for weight matrices and kernels.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        schedule: decay after warmup: `cosine`, `linear` or `constant`.
+        warmup: warmup length: a fraction of all steps when below 1, else a number of steps.
+        min_lr_ratio: the schedule ends at `lr * min_lr_ratio`.
+        layer_decay: layer-wise lr decay for ViTs and other block-structured models (e.g. 0.75):
+            block i of n gets `lr * layer_decay ** (n - i)`; the head keeps `lr`.
+        part_lrs: learning rates for named parts that override `lr` (e.g. `{head: 1e-2}`;
+            vision-language tasks add `vision`, `projector`, `language`).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.0
+    layer_decay: Optional[float] = None
+    part_lrs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MonitorSpec:
+    """Early stopping and best-checkpoint keeping, on by default.
+
+    Args:
+        metric: the logged metric to watch (e.g. `val/loss`, `val/f1_macro`, `val/auroc_macro`).
+        mode: `min` or `max`.
+        early_stopping: stop when `metric` has not improved for `patience` validations.
+        patience: validations without improvement before stopping.
+        save_best: keep the best checkpoint as `checkpoints/best.ckpt` in the run directory.
+        save_last: keep `checkpoints/last.ckpt` to resume a killed run with `--ckpt_path last`.
+    """
+
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    early_stopping: bool = True
+    patience: int = 5
+    save_best: bool = True
+    save_last: bool = True
+
+
+S = TypeVar("S")
+
+
+def as_spec(cls: type[S], value: Union[S, dict, None]) -> S:
+    """Returns `value` as a `cls` instance: accepts an instance, a dict (from a checkpoint) or None."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+        data = dict(value)
+        for f in dataclasses.fields(cls):
+            if f.name in data and isinstance(data[f.name], list) and f.type.startswith("tuple"):
+                data[f.name] = tuple(data[f.name])
+        return cls(**data)
+    raise ConfigError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+def spec_to_dict(spec: Any) -> dict:
+    """Plain-dict form of a spec for hyperparameters and checkpoints."""
+    return dataclasses.asdict(spec)

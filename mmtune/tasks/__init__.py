@@ -1,0 +1,1 @@
+"""Tasks: one LightningModule per task family, sharing free functions from `common`."""

@@ -1,0 +1,287 @@
+"""Image classification (multi-class and multi-label) with any timm or torchvision backbone."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
+from mmtune.errors import ConfigError, DataError
+from mmtune.metrics.classification import ClassificationMetrics, write_confusion_matrix
+from mmtune.models.vision import (
+    CLASSIFIER_FAMILIES,
+    VisionClassifier,
+    build_classifier,
+    classifier_data_config,
+    resolve_classifier_ref,
+)
+from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
+from mmtune.tasks import common
+
+PARTS_DOC = {"backbone": "everything but the head", "head": "the classification layer"}
+
+
+class ImageClassificationTask(L.LightningModule):
+    """Fine-tunes an image classifier: full, linear probe, last-N blocks, or adapters (LoRA, DoRA, IA3).
+
+    Args:
+        model: the backbone (timm or torchvision name, hub id, local directory or weights file).
+        adapter: adapters and per-part freezing; parts are `backbone` and `head`.
+        optimizer: AdamW settings, schedule, layer-wise decay, per-part learning rates.
+        monitor: best-checkpoint and early-stopping metric.
+        classes: the class list; normally taken from the training data (and saved in checkpoints).
+        multi_label: sigmoid outputs with per-class thresholds; None takes it from the data.
+        class_weights: loss weights per class, `balanced` (inverse frequency; positive weights for
+            multi-label), or None.
+        label_smoothing: label smoothing for multi-class cross entropy.
+        thresholds: multi-label decision threshold, one for all or one per class.
+        checkpoint_weights: what checkpoints hold: `trainable` (adapters, trained parts, buffers:
+            small files; frozen weights reload from the base model), `full`, or `auto` (trainable
+            when something is frozen and the base weights can be reloaded).
+        predictions_file: where `predict` writes its CSV (default: `predictions.csv` in the run directory).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        adapter: AdapterSpec = AdapterSpec(),
+        optimizer: OptimizerSpec = OptimizerSpec(),
+        monitor: MonitorSpec = MonitorSpec(),
+        classes: Optional[list[str]] = None,
+        multi_label: Optional[bool] = None,
+        class_weights: Union[None, Literal["balanced"], list[float]] = None,
+        label_smoothing: float = 0.0,
+        thresholds: Union[float, list[float]] = 0.5,
+        checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
+        predictions_file: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.model_spec = as_spec(ModelSpec, model)
+        self.adapter_spec = as_spec(AdapterSpec, adapter)
+        self.optimizer_spec = as_spec(OptimizerSpec, optimizer)
+        self.monitor_spec = as_spec(MonitorSpec, monitor)
+        resolve_classifier_ref(self.model_spec)  # fail at construction on an unknown model name
+        self.save_hyperparameters({
+            "model": spec_to_dict(self.model_spec), "adapter": spec_to_dict(self.adapter_spec),
+            "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
+            "classes": list(classes) if classes else None, "multi_label": multi_label,
+            "class_weights": class_weights, "label_smoothing": label_smoothing, "thresholds": thresholds,
+            "checkpoint_weights": checkpoint_weights, "predictions_file": predictions_file,
+        })
+        self.net: Optional[torch.nn.Module] = None
+        self.classifier: Optional[VisionClassifier] = None
+        self.adapter_report: Optional[AdapterReport] = None
+        self._predictions: list[tuple[int, list[float]]] = []
+
+    # ---- build -------------------------------------------------------------------------------------
+    def _trainable_only(self) -> bool:
+        mode = self.hparams.checkpoint_weights
+        if mode != "auto":
+            return mode == "trainable"
+        something_frozen = self.adapter_spec.method != "none" or "frozen" in self.adapter_spec.parts.values()
+        base_reloadable = self.model_spec.pretrained or bool(self.model_spec.checkpoint)
+        return something_frozen and base_reloadable
+
+    @property
+    def classes(self) -> list[str]:
+        if not self.hparams.classes:
+            raise ConfigError("the class list is unknown: fit on labeled data, load a checkpoint, or set model.classes")
+        return list(self.hparams.classes)
+
+    @property
+    def data_config(self) -> dict:
+        """Input size and normalization of the backbone's weights (from the factory, no weights loaded)."""
+        return classifier_data_config(self.model_spec)
+
+    def setup(self, stage: str) -> None:
+        """Takes the class list from the data (unless fixed by config or checkpoint) and connects the data."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None:
+            return
+        if not self.hparams.classes:
+            if not dm.classes:
+                raise DataError("the data module found no classes; fit on labeled data first")
+            self.hparams.classes = list(dm.classes)
+        elif stage == "fit" and dm.classes and list(dm.classes) != list(self.hparams.classes):
+            raise DataError(f"model.classes {self.hparams.classes} differ from the training data's classes {dm.classes}")
+        if self.hparams.multi_label is None:
+            self.hparams.multi_label = bool(dm.multi_label)
+        if self.hparams.class_weights == "balanced":
+            if stage != "fit":
+                raise ConfigError("class_weights: balanced needs the training data; run fit first")
+            self.hparams.class_weights = self._balanced_weights(dm.class_counts)
+        dm.connect(self.classes, self.hparams.multi_label, self.data_config)
+
+    def _balanced_weights(self, counts: list[int]) -> list[float]:
+        total, k = sum(counts), len(counts)
+        if self.hparams.multi_label:
+            n = len(self.trainer.datamodule.splits["train"])
+            return [(n - c) / c if c else 1.0 for c in counts]
+        return [total / (k * c) if c else 0.0 for c in counts]
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        classes = self.classes
+        clf = build_classifier(self.model_spec, len(classes))
+        family = CLASSIFIER_FAMILIES.get(clf.family)
+        self.net, self.adapter_report = apply_adapter(
+            clf.module, self.adapter_spec, clf.family,
+            parts={"backbone": None, "head": clf.head},
+            default_policies={"backbone": "adapter", "head": "full"},
+            layer_ids=lambda raw: family.layer_ids(raw, clf.head),
+        )
+        self.classifier = clf
+        rank_zero_info(f"[mmtune] {self.model_spec.name}: {self.adapter_report.summary()}")
+        multi = bool(self.hparams.multi_label)
+        thresholds = self.hparams.thresholds
+        if isinstance(thresholds, list) and len(thresholds) != len(classes):
+            raise ConfigError(f"thresholds has {len(thresholds)} values for {len(classes)} classes")
+        self.val_metrics = ClassificationMetrics(len(classes), multi, thresholds)
+        self.test_metrics = ClassificationMetrics(len(classes), multi, thresholds, confusion=True)
+        weights = self.hparams.class_weights
+        if isinstance(weights, list):
+            if len(weights) != len(classes):
+                raise ConfigError(f"class_weights has {len(weights)} values for {len(classes)} classes")
+            self.register_buffer("loss_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        else:
+            self.loss_weights = None
+
+    def _raw(self) -> torch.nn.Module:
+        return self.net.get_base_model() if self.adapter_spec.method != "none" else self.net
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+    def loss_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.hparams.multi_label:
+            return {"bce": F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=self.loss_weights)}
+        return {"ce": F.cross_entropy(logits, target, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing)}
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid() if self.hparams.multi_label else logits.float().softmax(dim=-1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(self(batch["pixels"]), batch["target"])
+        loss = sum(terms.values())
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["pixels"]))
+        return loss
+
+    def _eval_step(self, batch: dict, metrics: ClassificationMetrics, stage: str) -> None:
+        logits = self(batch["pixels"])
+        loss = sum(self.loss_terms(logits, batch["target"]).values())
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(logits))
+        metrics.update(self.probabilities(logits), batch["target"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: ClassificationMetrics, stage: str) -> dict:
+        values = metrics.compute()  # synchronized across processes by torchmetrics
+        for name, value in values.items():
+            if name == "confusion":
+                continue
+            if value.ndim == 0:
+                self.log(f"{stage}/{name}", value, prog_bar=name in ("accuracy", "f1_macro"), sync_dist=True)
+            else:
+                for cls, v in zip(self.classes, value):
+                    self.log(f"{stage}/{name}/{cls}", v, sync_dist=True)
+        metrics.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        values = self._log_metrics(self.test_metrics, "test")
+        out = common.run_dir(self.trainer)
+        if out is not None and self.trainer.is_global_zero:
+            write_confusion_matrix(values["confusion"], self.classes, out)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        probs = self.probabilities(self(batch["pixels"]))
+        self._predictions += list(zip(batch["index"].tolist(), probs.cpu().tolist()))
+        return probs
+
+    def on_predict_epoch_end(self) -> None:
+        rows = dict(common.gather_objects(self._predictions))  # duplicates from padded sampling collapse
+        self._predictions = []
+        if not self.trainer.is_global_zero:
+            return
+        target = self.hparams.predictions_file or (str(common.run_dir(self.trainer) / "predictions.csv")
+                                                   if common.run_dir(self.trainer) else "predictions.csv")
+        samples = self.trainer.predict_dataloaders.dataset.samples
+        thresholds = self.val_metrics.thresholds.tolist() if self.hparams.multi_label else None
+        write_predictions(Path(target), [(samples[i].path, rows[i]) for i in sorted(rows)], self.classes, thresholds)
+        rank_zero_info(f"[mmtune] wrote {len(rows)} predictions to {target}")
+
+    # ---- optimization, callbacks, checkpoints --------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        clf = self.classifier
+        raw = self._raw()
+        head = clf.head
+
+        def part_of(name: str) -> str:
+            return "head" if any(name == h or name.startswith(h + ".") for h in head) else "backbone"
+
+        no_decay = raw.no_weight_decay() if hasattr(raw, "no_weight_decay") else ()
+        layer_ids = CLASSIFIER_FAMILIES.get(clf.family).layer_ids(raw, head) if self.optimizer_spec.layer_decay else None
+        return common.adamw_with_schedule(
+            self.trainer, raw.named_parameters(), self.optimizer_spec,
+            layer_ids=layer_ids, part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay,
+        )
+
+    def configure_callbacks(self) -> list:
+        return common.standard_callbacks(self.monitor_spec)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        common.record_task(self, checkpoint)
+        if self._trainable_only():
+            common.keep_trainable_weights(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        common.check_checkpoint_fits(self, checkpoint)
+        common.complete_trainable_checkpoint(self, checkpoint)
+
+    # ---- export --------------------------------------------------------------------------------------
+    def export(self, out_dir: str) -> Path:
+        """Merges adapters and writes the backbone family's native format (timm: model.safetensors +
+        config.json loadable with `timm.create_model("local-dir:...")`)."""
+        out = Path(out_dir)
+        merged = merge_adapter(copy.deepcopy(self.net)).eval()
+        clf = VisionClassifier(merged, self.classifier.family, self.classifier.head, self.classifier.data_config,
+                               self.classifier.arch)
+        CLASSIFIER_FAMILIES.get(clf.family).export(clf, out, self.classes)
+        (out / "mmtune.json").write_text(json.dumps({
+            "task": "image_classification", "classes": self.classes, "multi_label": bool(self.hparams.multi_label),
+            "thresholds": self.hparams.thresholds, "source_model": self.model_spec.name,
+        }, indent=2))
+        return out
+
+
+def write_predictions(path: Path, rows: list[tuple[str, list[float]]], classes: list[str],
+                      thresholds: Optional[list[float]] = None) -> None:
+    """One CSV row per image: path, predicted label(s) (`a|b` for multi-label, given `thresholds`),
+    probability per class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "prediction", *[f"p_{c}" for c in classes]])
+        for image, probs in rows:
+            if thresholds is not None:
+                label = "|".join(c for c, p, t in zip(classes, probs, thresholds) if p >= t)
+            else:
+                label = classes[max(range(len(probs)), key=probs.__getitem__)]
+            writer.writerow([image, label, *[f"{p:.6f}" for p in probs]])

@@ -1,0 +1,138 @@
+"""Free functions every task uses: callbacks, adapter-only checkpoints, optimizers, run paths.
+
+Shared through functions rather than a base class, so each task file reads on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+
+from mmtune.adapters import trainable_state_dict
+from mmtune.callbacks import EpochSeed, RunSummary
+from mmtune.errors import ModelError
+from mmtune.optim import build_optimizer, build_scheduler, param_groups
+from mmtune.specs import MonitorSpec, OptimizerSpec
+
+log = logging.getLogger("mmtune")
+
+TRAINABLE_ONLY = "trainable"
+
+
+def standard_callbacks(monitor: MonitorSpec) -> list[Callback]:
+    """Best/last checkpoints and early stopping from the monitor spec, plus seeding and metrics.json."""
+    callbacks: list[Callback] = [EpochSeed(), RunSummary()]
+    if monitor.save_best or monitor.save_last:
+        callbacks.append(ModelCheckpoint(
+            monitor=monitor.metric if monitor.save_best else None, mode=monitor.mode,
+            save_top_k=1 if monitor.save_best else 0, save_last=monitor.save_last,
+            filename="best", auto_insert_metric_name=False,
+        ))
+    if monitor.early_stopping:
+        callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience))
+    return callbacks
+
+
+def record_task(module: L.LightningModule, checkpoint: dict) -> None:
+    """Stores the task class in the checkpoint, so `mmtune export` needs only the checkpoint."""
+    checkpoint["mmtune_task"] = f"{type(module).__module__}:{type(module).__qualname__}"
+
+
+def load_task(path: str) -> L.LightningModule:
+    """Rebuilds the task saved in a checkpoint (base weights from its model spec, plus saved weights)."""
+    import importlib
+
+    if not Path(path).is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (OSError, RuntimeError) as err:
+        raise ModelError(f"cannot read checkpoint {path}: {err}") from None
+    name = ckpt.get("mmtune_task")
+    if not name:
+        raise ModelError(f"{path} was not written by an mmtune task (no 'mmtune_task' entry)")
+    module_name, _, cls_name = name.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+
+
+def keep_trainable_weights(module: nn.Module, checkpoint: dict) -> None:
+    """Drops frozen base weights from a checkpoint: they reload from the base model, and adapter
+    checkpoints stay small."""
+    checkpoint["state_dict"] = trainable_state_dict(module, checkpoint["state_dict"])
+    checkpoint["mmtune_weights"] = TRAINABLE_ONLY
+
+
+def check_checkpoint_fits(module: nn.Module, checkpoint: dict) -> None:
+    """Raises a clear error when a checkpoint belongs to another architecture or head size.
+
+    Every saved tensor must exist in the model with the same shape; a trainable-only checkpoint must
+    also hold every trainable tensor, and a full one every tensor.
+    """
+    own = module.state_dict()
+    saved = checkpoint.get("state_dict", {})
+    unexpected = sorted(set(saved) - set(own))
+    wrong = sorted(k for k in set(saved) & set(own) if saved[k].shape != own[k].shape)
+    if checkpoint.get("mmtune_weights") == TRAINABLE_ONLY:
+        needed = set(trainable_state_dict(module, own))
+    else:
+        needed = set(own)
+    missing = sorted(needed - set(saved))
+    if unexpected or wrong or missing:
+        detail = []
+        if wrong:
+            detail.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: checkpoint {tuple(saved[wrong[0]].shape)}"
+                          f" vs model {tuple(own[wrong[0]].shape)})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unknown to this model (e.g. {unexpected[:2]})")
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[:2]})")
+        raise ModelError("the checkpoint does not fit this model (another architecture, head or adapter?): "
+                         + "; ".join(detail))
+
+
+def complete_trainable_checkpoint(module: nn.Module, checkpoint: dict) -> None:
+    """Fills a trainable-only checkpoint (already checked to fit) with the model's own frozen base
+    weights, so it loads strictly like a full one."""
+    if checkpoint.get("mmtune_weights") == TRAINABLE_ONLY:
+        checkpoint["state_dict"] = {**module.state_dict(), **checkpoint["state_dict"]}
+
+
+def adamw_with_schedule(
+    trainer: L.Trainer, named_params: Iterable[tuple[str, nn.Parameter]], spec: OptimizerSpec, **group_kwargs
+) -> dict:
+    """AdamW + warmup/decay schedule over `trainer.estimated_stepping_batches` steps, for
+    `configure_optimizers`. `group_kwargs` go to `mmtune.optim.param_groups`."""
+    optimizer = build_optimizer(param_groups(named_params, spec, **group_kwargs), spec)
+    return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, spec, trainer.estimated_stepping_batches)}
+
+
+def run_dir(trainer: Optional[L.Trainer]) -> Optional[Path]:
+    """The run directory (where logs, checkpoints and outputs go), if there is one."""
+    if trainer is None or not trainer.log_dir:
+        return None
+    return Path(trainer.log_dir)
+
+
+def gather_objects(items: list) -> list:
+    """All processes' lists concatenated (only needed under distributed runs)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return items
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+def read_checkpoint_hparams(path: str) -> dict:
+    """The hyperparameters saved in a Lightning checkpoint, without building anything."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (OSError, RuntimeError) as err:
+        raise ModelError(f"cannot read checkpoint {path}: {err}") from None
+    return dict(ckpt.get("hyper_parameters", {}))
