@@ -1,34 +1,30 @@
-"""Callbacks every task attaches: epoch seeding (exact resume) and the run's metrics.json."""
+"""Callbacks every task attaches: per-step seeding (exact resume) and the run's metrics.json."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from mmtune.data.samplers import seed_everything_from
 
-class EpochSeed(Callback):
-    """Reseeds every RNG at each training epoch start from (seed, epoch, rank).
 
-    Lightning does not restore RNG state on resume, so a resumed run would draw other
-    augmentations and dropout masks than the uninterrupted one. Seeding per epoch makes epoch e
-    identical whether or not the run was restarted before it.
+class StepSeed(Callback):
+    """Reseeds every RNG before each training step from (seed, global step, rank).
+
+    Lightning does not restore RNG state on resume, so a resumed run would draw other dropout and
+    drop-path masks than the uninterrupted one. Seeding per step makes step n identical whether or
+    not the run was restarted before it (data augmentation is seeded per sample by the data module).
     """
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
-        seed = (base * 1_000_003 + trainer.current_epoch * 1_009 + trainer.global_rank) % (2**31 - 1)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        seed_everything_from(int(os.environ.get("PL_GLOBAL_SEED", "0")), trainer.global_step, trainer.global_rank)
 
 
 def _scalar(value: Any) -> Optional[float]:
@@ -59,10 +55,12 @@ class RunSummary(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None:
-            extra.update(best_model_path=ckpt.best_model_path or None, best_score=_scalar(ckpt.best_model_score),
-                         monitor=ckpt.monitor, last_model_path=ckpt.last_model_path or None)
+        for ckpt in trainer.checkpoint_callbacks:
+            if ckpt.monitor:
+                extra.update(best_model_path=ckpt.best_model_path or None, best_score=_scalar(ckpt.best_model_score),
+                             monitor=ckpt.monitor)
+            else:
+                extra.update(last_model_path=ckpt.best_model_path or None)
         self._write(trainer, pl_module, "fit", extra)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

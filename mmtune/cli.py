@@ -45,6 +45,14 @@ class MMTuneCLI(LightningCLI):
                             help="Run name (default: the last --config file's name); runs go to runs_dir/run_name/version_N")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of all runs")
 
+    def _parse_ckpt_path(self) -> None:
+        """Disables LightningCLI's merge of checkpoint hyperparameters into the config.
+
+        It would replace the configured model with the checkpoint's silently; mmtune instead takes
+        only the class list from the checkpoint (`_carry_checkpoint_hparams`) and refuses weights that
+        do not fit the configured model, with a message saying so.
+        """
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         name = cfg.get("run_name")
@@ -128,9 +136,23 @@ def main(argv: Optional[list[str]] = None) -> None:
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
         )
-    except MMTuneError as err:
-        print(f"mmtune: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"mmtune: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(err: BaseException) -> Optional[MMTuneError]:
+    """The MMTuneError behind `err`, if any (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MMTuneError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

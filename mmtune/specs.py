@@ -141,5 +141,13 @@ def as_spec(cls: type[S], value: Union[S, dict, None]) -> S:
 
 
 def spec_to_dict(spec: Any) -> dict:
-    """Plain-dict form of a spec for hyperparameters and checkpoints."""
-    return dataclasses.asdict(spec)
+    """Plain-dict form of a spec (tuples as lists) for hyperparameters, hparams.yaml and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(spec))

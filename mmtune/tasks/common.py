@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from mmtune.adapters import trainable_state_dict
-from mmtune.callbacks import EpochSeed, RunSummary
+from mmtune.callbacks import RunSummary, StepSeed
 from mmtune.errors import ModelError
 from mmtune.optim import build_optimizer, build_scheduler, param_groups
 from mmtune.specs import MonitorSpec, OptimizerSpec
@@ -26,17 +26,28 @@ TRAINABLE_ONLY = "trainable"
 
 
 def standard_callbacks(monitor: MonitorSpec) -> list[Callback]:
-    """Best/last checkpoints and early stopping from the monitor spec, plus seeding and metrics.json."""
-    callbacks: list[Callback] = [EpochSeed(), RunSummary()]
-    if monitor.save_best or monitor.save_last:
-        callbacks.append(ModelCheckpoint(
-            monitor=monitor.metric if monitor.save_best else None, mode=monitor.mode,
-            save_top_k=1 if monitor.save_best else 0, save_last=monitor.save_last,
-            filename="best", auto_insert_metric_name=False,
-        ))
+    """Best/last checkpoints and early stopping from the monitor spec, plus seeding and metrics.json.
+
+    `last.ckpt` has its own callback: since Lightning 2.6 a `save_last=True` checkpoint is only
+    rewritten when the top-k one is, so it would go stale whenever the metric stops improving.
+    """
+    callbacks: list[Callback] = [StepSeed(), RunSummary()]
+    if monitor.save_best:
+        callbacks.append(ModelCheckpoint(monitor=monitor.metric, mode=monitor.mode, save_top_k=1, filename="best",
+                                         auto_insert_metric_name=False, enable_version_counter=False))
+    if monitor.save_last:
+        callbacks.append(LastCheckpoint(monitor=None, save_top_k=1, filename="last", enable_version_counter=False))
     if monitor.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience))
     return callbacks
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Rewrites `last.ckpt` at every validation (a distinct class so Lightning keeps both callbacks)."""
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"
 
 
 def record_task(module: L.LightningModule, checkpoint: dict) -> None:
