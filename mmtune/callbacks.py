@@ -40,9 +40,10 @@ class RunSummary(Callback):
     final metrics of fit, plus the metrics of each validate/test call, and the parameter counts."""
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str, extra: Optional[dict] = None) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not log_dir:
             return
-        path = Path(trainer.log_dir) / "metrics.json"
+        path = Path(log_dir) / "metrics.json"
         data = json.loads(path.read_text()) if path.is_file() else {}
         metrics = {k: v for k, v in ((k, _scalar(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
         entry = {"metrics": dict(sorted(metrics.items())), **(extra or {})}

@@ -102,7 +102,9 @@ class MMTuneCLI(LightningCLI):
         if self.subcommand != "fit" and trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = False
         elif trainer_cfg.get("logger") in (None, True):
-            save_dir, name, version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
+            save_dir, name = str(run_dir.parent.parent), run_dir.parent.name
+            number = re.fullmatch(r"version_(\d+)", run_dir.name)
+            version = int(number.group(1)) if number else run_dir.name  # an int shows as v_num in the progress bar
             kwargs["logger"] = [CSVLogger(save_dir, name=name, version=version),
                                 TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):

@@ -99,8 +99,9 @@ def write_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], out_dir
     ax.set_yticks(range(len(classes)), list(classes))
     ax.set_xlabel("predicted" if m.ndim == 2 else "outcome")
     ax.set_ylabel("true" if m.ndim == 2 else "label")
+    dark = grid.max() / 2 if grid.size else 0
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, str(v), ha="center", va="center", color="black")
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > dark else "black")
     ax.set_title("confusion matrix")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

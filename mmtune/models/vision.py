@@ -293,12 +293,17 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _dominant_blocks_of(module: nn.Module, prefix: str = "") -> list[str]:
-    """Block names of a torchvision model, in forward order.
+def block_names(module: nn.Module) -> list[str]:
+    """Names of a backbone's blocks in forward order (ViT `blocks.i`, ResNet `layerN.i`, ...)."""
+    return _dominant_blocks_of(module)
 
-    torchvision has no group matcher like timm's, so blocks are found by structure: the children
-    in order, with the child holding most parameters (`features`, `encoder.layers`, `layer4`...)
-    replaced by its own children, recursively; a Sequential/ModuleList's items are blocks.
+
+def _dominant_blocks_of(module: nn.Module, prefix: str = "") -> list[str]:
+    """Block names of a model, in forward order.
+
+    Found by structure rather than by name (torchvision has no group matcher like timm's): the
+    children in order, with the child holding most parameters (`features`, `encoder.layers`,
+    `blocks`...) replaced by its own children, recursively; a Sequential/ModuleList's items are blocks.
     """
     if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1:
         return [prefix + n for n, c in module.named_children() if any(True for _ in c.parameters())]

@@ -19,6 +19,7 @@ from mmtune.metrics.classification import ClassificationMetrics, write_confusion
 from mmtune.models.vision import (
     CLASSIFIER_FAMILIES,
     VisionClassifier,
+    block_names,
     build_classifier,
     classifier_data_config,
     resolve_classifier_ref,
@@ -141,6 +142,11 @@ class ImageClassificationTask(L.LightningModule):
         )
         self.classifier = clf
         rank_zero_info(f"[mmtune] {self.model_spec.name}: {self.adapter_report.summary()}")
+        if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2)
+            raw = self._raw()
+            blocks = [b for b in block_names(raw) if b not in clf.head]
+            common.shard_fsdp2(self.net, self.device_mesh, [f"base_model.model.{b}" if raw is not self.net else b for b in blocks])
+            rank_zero_info(f"[mmtune] FSDP2: {len(blocks)} blocks and the root sharded over {self.device_mesh.size()} processes")
         multi = bool(self.hparams.multi_label)
         thresholds = self.hparams.thresholds
         if isinstance(thresholds, list) and len(thresholds) != len(classes):
@@ -218,10 +224,10 @@ class ImageClassificationTask(L.LightningModule):
     def on_predict_epoch_end(self) -> None:
         rows = dict(common.gather_objects(self._predictions))  # duplicates from padded sampling collapse
         self._predictions = []
+        out = common.run_dir(self.trainer)
         if not self.trainer.is_global_zero:
             return
-        target = self.hparams.predictions_file or (str(common.run_dir(self.trainer) / "predictions.csv")
-                                                   if common.run_dir(self.trainer) else "predictions.csv")
+        target = self.hparams.predictions_file or str((out or Path(".")) / "predictions.csv")
         samples = self.trainer.predict_dataloaders.dataset.samples
         thresholds = self.val_metrics.thresholds.tolist() if self.hparams.multi_label else None
         write_predictions(Path(target), [(samples[i].path, rows[i]) for i in sorted(rows)], self.classes, thresholds)

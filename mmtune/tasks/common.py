@@ -124,11 +124,29 @@ def adamw_with_schedule(
     return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, spec, trainer.estimated_stepping_batches)}
 
 
+def shard_fsdp2(module: nn.Module, device_mesh, blocks: Iterable[str]) -> None:
+    """FSDP2 (`fully_shard`) for Lightning's ModelParallelStrategy: each block is its own unit (so
+    only one block's weights are gathered at a time), then the root. Frozen and trainable weights
+    may share a unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # No tensor parallelism here: shard over every process, whatever the strategy's mesh shape.
+    mesh = init_device_mesh(device_mesh.device_type, (device_mesh.size(),))
+    for name in blocks:
+        block = module.get_submodule(name)
+        if any(True for _ in block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
 def run_dir(trainer: Optional[L.Trainer]) -> Optional[Path]:
-    """The run directory (where logs, checkpoints and outputs go), if there is one."""
-    if trainer is None or not trainer.log_dir:
-        return None
-    return Path(trainer.log_dir)
+    """The run directory (where logs, checkpoints and outputs go), if there is one.
+
+    Call it on every rank: under DDP `trainer.log_dir` is a broadcast from rank 0.
+    """
+    log_dir = trainer.log_dir if trainer is not None else None
+    return Path(log_dir) if log_dir else None
 
 
 def gather_objects(items: list) -> list:
