@@ -238,7 +238,7 @@ class TorchvisionFamily:
                         interpolation="bilinear", crop_pct=0.875, crop_mode="center")
 
     def layer_ids(self, module: nn.Module, head: list[str]) -> dict[str, int]:
-        blocks = _dominant_blocks_of(module)
+        blocks = block_names(module)
         ids: dict[str, int] = {}
         for name, _ in module.named_parameters():
             ids[name] = next((i for i, b in enumerate(blocks) if name.startswith(b + ".")), 0)
@@ -293,13 +293,8 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def block_names(module: nn.Module) -> list[str]:
-    """Names of a backbone's blocks in forward order (ViT `blocks.i`, ResNet `layerN.i`, ...)."""
-    return _dominant_blocks_of(module)
-
-
-def _dominant_blocks_of(module: nn.Module, prefix: str = "") -> list[str]:
-    """Block names of a model, in forward order.
+def block_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """Names of a backbone's blocks in forward order (ViT `blocks.i`, ResNet `layerN.i`, ...).
 
     Found by structure rather than by name (torchvision has no group matcher like timm's): the
     children in order, with the child holding most parameters (`features`, `encoder.layers`,
@@ -313,20 +308,21 @@ def _dominant_blocks_of(module: nn.Module, prefix: str = "") -> list[str]:
     sizes = [sum(p.numel() for p in c.parameters()) for _, c in children]
     top = max(range(len(children)), key=sizes.__getitem__)
     if sizes[top] >= 0.5 * sum(sizes) and list(children[top][1].children()):
-        return ([prefix + n for n, _ in children[:top]] + _dominant_blocks_of(children[top][1], prefix + children[top][0] + ".")
+        return ([prefix + n for n, _ in children[:top]] + block_names(children[top][1], prefix + children[top][0] + ".")
                 + [prefix + n for n, _ in children[top + 1:]])
     return [prefix + n for n, _ in children]
 
 
 def _load_strict(module: nn.Module, state: dict, source: str, allow_head_mismatch: bool = False) -> None:
+    """Loads `state` into `module`, naming what does not fit; with `allow_head_mismatch` a classifier
+    of another size (e.g. ImageNet's 1000 classes) is left at its fresh initialization."""
     own = module.state_dict()
-    if allow_head_mismatch:
-        head = _last_linear(module)
-        state = {k: v for k, v in state.items() if not (_under(k, [head]) and k in own and own[k].shape != v.shape)}
+    head = [_last_linear(module)] if allow_head_mismatch else []
+    state = {k: v for k, v in state.items() if not (_under(k, head) and k in own and own[k].shape != v.shape)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    head_keys = [k for k in missing if allow_head_mismatch and _under(k, [_last_linear(module)])]
+    head_keys = [k for k in missing if _under(k, head)]
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected or wrong:
         raise ModelError(
@@ -335,10 +331,3 @@ def _load_strict(module: nn.Module, state: dict, source: str, allow_head_mismatc
             f"{len(wrong)} of another shape (e.g. {wrong[:3]}). Is it a checkpoint of another architecture?"
         )
     module.load_state_dict(state, strict=not head_keys)
-
-
-def num_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return trainable, total

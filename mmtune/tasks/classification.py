@@ -144,8 +144,8 @@ class ImageClassificationTask(L.LightningModule):
         rank_zero_info(f"[mmtune] {self.model_spec.name}: {self.adapter_report.summary()}")
         if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2)
             raw = self._raw()
-            blocks = [b for b in block_names(raw) if b not in clf.head]
-            common.shard_fsdp2(self.net, self.device_mesh, [f"base_model.model.{b}" if raw is not self.net else b for b in blocks])
+            blocks = [raw.get_submodule(b) for b in block_names(raw) if b not in clf.head]
+            common.shard_fsdp2(self.net, self.device_mesh, blocks)
             rank_zero_info(f"[mmtune] FSDP2: {len(blocks)} blocks and the root sharded over {self.device_mesh.size()} processes")
         multi = bool(self.hparams.multi_label)
         thresholds = self.hparams.thresholds
@@ -180,6 +180,7 @@ class ImageClassificationTask(L.LightningModule):
         terms = self.loss_terms(self(batch["pixels"]), batch["target"])
         loss = sum(terms.values())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["pixels"]))
+        self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=len(batch["pixels"]))
         return loss
 
     def _eval_step(self, batch: dict, metrics: ClassificationMetrics, stage: str) -> None:

@@ -124,7 +124,7 @@ def adamw_with_schedule(
     return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, spec, trainer.estimated_stepping_batches)}
 
 
-def shard_fsdp2(module: nn.Module, device_mesh, blocks: Iterable[str]) -> None:
+def shard_fsdp2(module: nn.Module, device_mesh, blocks: Iterable[nn.Module]) -> None:
     """FSDP2 (`fully_shard`) for Lightning's ModelParallelStrategy: each block is its own unit (so
     only one block's weights are gathered at a time), then the root. Frozen and trainable weights
     may share a unit."""
@@ -133,8 +133,7 @@ def shard_fsdp2(module: nn.Module, device_mesh, blocks: Iterable[str]) -> None:
 
     # No tensor parallelism here: shard over every process, whatever the strategy's mesh shape.
     mesh = init_device_mesh(device_mesh.device_type, (device_mesh.size(),))
-    for name in blocks:
-        block = module.get_submodule(name)
+    for block in blocks:
         if any(True for _ in block.parameters()):
             fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
