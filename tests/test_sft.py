@@ -243,3 +243,72 @@ def test_dora_and_full_fine_tuning_train(tmp_path, tiny_lms, repeat_data, method
 def test_quantization_without_adapter_is_refused(tiny_lms):
     with pytest.raises(ConfigError, match="needs an adapter"):
         CausalLMTask(ModelSpec(name=str(tiny_lms["llama"]), quantization="nf4"), AdapterSpec(method="none"))
+
+
+# ---- packing ----------------------------------------------------------------------------------------------------
+def _per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Per-token losses of each labeled stretch, in order (one tensor per row)."""
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:],
+                                               ignore_index=IGNORE, reduction="none")
+    return [row[lab != IGNORE] for row, lab in zip(losses, labels[:, 1:])]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_batch_gives_the_same_per_token_loss_as_unpacked(tmp_path, tiny_lms, attn):
+    from mmtune.data.text import Collator, pack
+    from mmtune.models.hf import load_causal_lm
+
+    rows = repeat_rows(12, seed=3)
+    for i, row in enumerate(rows):  # mixed lengths
+        row["output"] = " ".join([row["input"]] * (1 + i % 5))
+    dm = _data(write_jsonl(tmp_path / "mixed.jsonl", rows), max_length=96)
+    dm.connect(_tok(tiny_lms))
+    items = dm.tokenized["train"]
+    model = load_causal_lm(ModelSpec(name=str(tiny_lms["llama"]), kwargs={"attn_implementation": attn})).eval()
+    assert model.config._attn_implementation == attn
+    bins = pack([len(x) for x in items], 96)
+    assert len(bins) < len(items) / 2 and all(sum(len(items[i]) for i in b) <= 96 for b in bins)
+    packed = Collator(dm.tokenizer.pad_token_id, packed=True)([[items[i] for i in b] for b in bins])
+    assert "attention_mask" not in packed
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache transformers does not look for packed samples
+        got = torch.cat(_per_token_losses(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                                use_cache=False).logits,
+                                          packed["labels"]))
+        padded = Collator(dm.tokenizer.pad_token_id)([[items[i]] for b in bins for i in b])
+        expected = torch.cat(_per_token_losses(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                                                     use_cache=False).logits,
+                                               padded["labels"]))
+        # the control: the same packed rows with positions running on across samples (attention crosses)
+        running = torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])
+        crossed = torch.cat(_per_token_losses(model(input_ids=packed["input_ids"], position_ids=running, use_cache=False).logits,
+                                              packed["labels"]))
+    assert got.shape == expected.shape and len(got) == sum(sum(l != IGNORE for l in x.labels[1:]) for x in items)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert not torch.allclose(crossed, expected, atol=1e-2)
+    assert abs(got.mean() - expected.mean()) < 1e-5
+
+
+def test_packed_training_through_the_task(tmp_path, tiny_lms, repeat_data):
+    task = CausalLMTask(ModelSpec(name=str(tiny_lms["qwen2"])), AdapterSpec(method="lora", r=8),
+                        OptimizerSpec(lr=0.01, warmup=0), MonitorSpec(early_stopping=False, save_best=False, save_last=False))
+    dm = TextData(path=str(repeat_data["train"]), val_path=str(repeat_data["val"]), max_length=128, batch_size=2,
+                  packing=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    before = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+    trainer.fit(task, datamodule=dm)
+    rows = trainer.train_dataloader.dataset
+    assert len(rows) < len(dm.tokenized["train"]) / 3  # 64 samples of ~25 tokens in rows of 128
+    after = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+    assert after < 0.7 * before, (before, after)
+
+
+def test_packing_refuses_attention_that_would_cross_samples(tmp_path, tiny_lms, repeat_data):
+    task = CausalLMTask(ModelSpec(name=str(tiny_lms["qwen2"]), kwargs={"attn_implementation": "sdpa"}))
+    task.check_packing_support(packing=True)
+    task.configure_model()
+    task._raw().config._attn_implementation = "paged_attention"
+    with pytest.raises(ConfigError, match="packing"):
+        task.check_packing_support(packing=True)

@@ -105,6 +105,7 @@ class CausalLMTask(L.LightningModule):
         self.adapter_report: Optional[AdapterReport] = None
         self._eval_sums = [0.0, 0]  # summed token loss and token count of the current evaluation
         self._predictions: list[tuple[int, str]] = []
+        self._packing = False
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
@@ -119,6 +120,18 @@ class CausalLMTask(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and hasattr(dm, "connect"):
             dm.connect(self.tokenizer)
+            self._packing = bool(getattr(dm, "packing", False)) and stage == "fit"
+
+    def check_packing_support(self, packing: bool) -> None:
+        """Packed rows rely on transformers turning restarting position ids into per-sample attention;
+        an attention implementation that does not would let samples see each other."""
+        if not packing or self.net is None:
+            return
+        impl = self._raw().config._attn_implementation
+        if impl not in PACKING_ATTENTION:
+            raise ConfigError(f"data.packing needs an attention implementation that keeps packed samples apart "
+                              f"({', '.join(PACKING_ATTENTION)}); the model uses {impl!r}: set "
+                              "model.kwargs.attn_implementation or turn packing off")
 
     def configure_model(self) -> None:
         if self.net is not None:
@@ -136,6 +149,7 @@ class CausalLMTask(L.LightningModule):
         net.config.use_cache = False  # caches are for generation; training would only hold them in memory
         self.net, self.adapter_report = self._adapt(net)
         rank_zero_info(f"[mmtune] {self.model_spec.name}: {self.adapter_report.summary()}")
+        self.check_packing_support(self._packing)
         if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2)
             raw = self._raw()
             prefix = "base_model.model." if raw is not self.net else ""
@@ -154,6 +168,8 @@ class CausalLMTask(L.LightningModule):
     # ---- steps -------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # No cache: besides wasting memory, a cache makes transformers skip the packed-sample detection
+        # that keeps attention inside each sample of a packed row.
         return self.net(**inputs, use_cache=False).logits
 
     def loss_terms(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
