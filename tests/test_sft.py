@@ -18,7 +18,7 @@ from mmtune.errors import ConfigError, DataError
 from mmtune.models.hf import load_tokenizer
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec
 from mmtune.tasks.common import load_task
-from mmtune.tasks.sft import CausalLMTask
+from mmtune.tasks.sft import CausalLMTask, causal_lm_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -312,3 +312,36 @@ def test_packing_refuses_attention_that_would_cross_samples(tmp_path, tiny_lms, 
     task._raw().config._attn_implementation = "paged_attention"
     with pytest.raises(ConfigError, match="packing"):
         task.check_packing_support(packing=True)
+
+
+# ---- QLoRA ------------------------------------------------------------------------------------------------------
+def test_qlora_trains_a_4bit_base_and_exports_merged_full_precision(tmp_path, tiny_lms, repeat_data):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    task = CausalLMTask(ModelSpec(name=str(tiny_lms["llama"]), quantization="nf4"), AdapterSpec(method="lora", r=8),
+                        OptimizerSpec(lr=0.02, warmup=0), MonitorSpec(early_stopping=False, save_best=False, save_last=False),
+                        gradient_checkpointing=True)
+    dm = TextData(path=str(repeat_data["train"]), val_path=str(repeat_data["val"]), max_length=64, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    before = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+    import bitsandbytes as bnb
+
+    linear4 = [n for n, m in task._raw().named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 14, linear4  # every projection of both blocks holds NF4 weights
+    assert all(p.dtype == torch.uint8 for n, p in task._raw().named_parameters() if n.endswith("q_proj.base_layer.weight"))
+    trainer.fit(task, datamodule=dm)
+    after = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+    assert after < 0.7 * before, (before, after)
+
+    out = task.export(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        total, count = causal_lm_loss(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                      batch["labels"])
+    # the merged full-precision model keeps what was learned (NF4 rounding of the base aside)
+    assert float(total / count) < 0.8 * before, (float(total / count), before, after)
