@@ -300,6 +300,11 @@ class CausalLMTask(L.LightningModule):
             merged = self._merge_into_full_precision()
         else:
             merged = merge_adapter(copy.deepcopy(self.net))
+        if resolve_hf_ref(self.model_spec).gguf_file:
+            # transformers dequantized the GGUF weights on load but still marks the model as GGUF-quantized,
+            # which save_pretrained refuses; the tensors are plain floats, so drop the marker.
+            merged.hf_quantizer = None
+            merged.config.__dict__.pop("quantization_config", None)
         merged.config.use_cache = True
         merged.eval().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
