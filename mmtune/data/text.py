@@ -517,7 +517,7 @@ class TextData(L.LightningDataModule):
             raise DataError("data.path (or data.sources) is not set: name a .jsonl/.json/.csv/.parquet file")
         splits: dict[str, list[Sample]] = {name: [] for name in SPLIT_NAMES}
         if self.path:
-            main = read_source(TextSource(self.path, self.format, 1.0, self.fields))
+            main = self._read(TextSource(self.path, self.format, 1.0, self.fields))
             ratios = [0.0 if (name == "val" and self.val_path) or (name == "test" and self.test_path) else r
                       for name, r in zip(SPLIT_NAMES, self.split_ratios)]
             for sample, name in zip(main, assign_splits(len(main), ratios, self.seed)):
@@ -526,16 +526,19 @@ class TextData(L.LightningDataModule):
         for source in self.sources:
             if source.weight < 0:
                 raise ConfigError(f"data.sources: weight of {source.path} is negative")
-            rows = read_source(source)
+            rows = self._read(source)
             whole, part = divmod(source.weight, 1.0)
             splits["train"] += rows * int(whole) + rng.sample(rows, round(part * len(rows)))
         if self.val_path:
-            splits["val"] = read_source(TextSource(self.val_path, self.format, 1.0, self.fields))
+            splits["val"] = self._read(TextSource(self.val_path, self.format, 1.0, self.fields))
         if self.test_path:
-            splits["test"] = read_source(TextSource(self.test_path, self.format, 1.0, self.fields))
+            splits["test"] = self._read(TextSource(self.test_path, self.format, 1.0, self.fields))
         if not splits["train"]:
             raise DataError(f"the train split is empty (sources: {self.path or [s.path for s in self.sources]})")
         self.samples = splits
+
+    def _read(self, source: TextSource) -> list:
+        return read_source(source)
 
     # ---- connection to the task -----------------------------------------------------------------------
     def connect(self, tokenizer) -> None:
@@ -608,14 +611,17 @@ class TextData(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         sampler = EpochSampler(len(dataset), self.seed, None, world, rank)
-        return self._loader(dataset, self.batch_size, Collator(self.tokenizer.pad_token_id, self.packing), sampler=sampler)
+        return self._loader(dataset, self.batch_size, self._collator(self.packing), sampler=sampler)
+
+    def _collator(self, packed: bool):
+        return Collator(self.tokenizer.pad_token_id, packed)
 
     def val_dataloader(self) -> DataLoader:
         # Unpacked, so validation loss is exact whatever the training layout.
-        return self._loader(self._rows("val", False), self.eval_batch_size, Collator(self.tokenizer.pad_token_id))
+        return self._loader(self._rows("val", False), self.eval_batch_size, self._collator(False))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._rows("test", False), self.eval_batch_size, Collator(self.tokenizer.pad_token_id))
+        return self._loader(self._rows("test", False), self.eval_batch_size, self._collator(False))
 
     def predict_dataloader(self) -> DataLoader:
         if self.tokenizer is None:
