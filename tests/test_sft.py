@@ -345,3 +345,48 @@ def test_qlora_trains_a_4bit_base_and_exports_merged_full_precision(tmp_path, ti
                                       batch["labels"])
     # the merged full-precision model keeps what was learned (NF4 rounding of the base aside)
     assert float(total / count) < 0.8 * before, (float(total / count), before, after)
+
+
+# ---- other families ---------------------------------------------------------------------------------------------
+FAMILY_CONFIGS = {
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)),
+    "gemma": ("GemmaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "phi": ("PhiConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_other_families_adapt_train_and_export(tmp_path, tiny_lms, repeat_data, family):
+    """Mistral, Gemma, GPT-2 (Conv1D projections), Phi and Phi-3 (fused projections) through the same
+    path: LoRA on the default targets, a few packed steps, a merged export plain transformers loads."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lms["qwen2"])
+    cls, kwargs = FAMILY_CONFIGS[family]
+    cfg = getattr(transformers, cls)(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                     bos_token_id=tok.eos_token_id, initializer_range=0.2, **kwargs)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / family)
+    tok.save_pretrained(tmp_path / family)
+    task = CausalLMTask(ModelSpec(name=str(tmp_path / family)), AdapterSpec(method="lora", r=4),
+                        OptimizerSpec(lr=0.01, warmup=0), MonitorSpec(early_stopping=False, save_best=False, save_last=False))
+    dm = TextData(path=str(repeat_data["train"]), val_path=str(repeat_data["val"]), max_length=128, batch_size=4,
+                  packing=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, limit_val_batches=1)
+    before = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+    trainer.fit(task, datamodule=dm)
+    after = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+    assert len(task.adapter_report.adapted) >= 2 * 3 and after < before, (task.adapter_report.adapted, before, after)
+    out = task.export(str(tmp_path / f"{family}_merged"))
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([tok("Repeat the word three times.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, task.eval()({"input_ids": ids}), atol=1e-4)
