@@ -121,6 +121,7 @@ class CausalLMTask(L.LightningModule):
         if dm is not None and hasattr(dm, "connect"):
             dm.connect(self.tokenizer)
             self._packing = bool(getattr(dm, "packing", False)) and stage == "fit"
+            self.check_packing_support(self._packing)  # the model may already be built (validate, then fit)
 
     def check_packing_support(self, packing: bool) -> None:
         """Packed rows rely on transformers turning restarting position ids into per-sample attention;
