@@ -99,3 +99,30 @@ def test_full_dpo_keeps_a_frozen_reference_outside_the_checkpoint(tmp_path, qwen
     assert task._ref is not None and not any(p.requires_grad for p in task._ref.parameters())
     assert not any("_ref" in k for k in task.state_dict())
     assert trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"] < math.log(2)
+
+
+def test_dpo_through_the_cli_and_export(tmp_path, qwen2):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", pairs(16, 0))
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"class_path": "DPOTask", "init_args": {
+            "model": {"name": str(qwen2)}, "adapter": {"method": "lora", "r": 4},
+            "optimizer": {"lr": 0.01, "warmup": 0}, "preference": {"beta": 0.2, "loss": "ipo"}}},
+        "data": {"class_path": "PreferenceData", "init_args": {"path": str(train), "val_path": str(train),
+                                                              "max_length": 64, "batch_size": 8}},
+        "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False},
+    }))
+    runs = tmp_path / "runs"
+    run_cli("fit", "--config", cfg, "--runs_dir", runs)
+    run = runs / "dpo" / "version_0"
+    metrics = json.loads((run / "metrics.json").read_text())["fit"]["metrics"]
+    assert {"val/loss", "val/reward_margin", "val/accuracy"} <= set(metrics)
+    run_cli("export", "--ckpt_path", run / "checkpoints/best.ckpt", "--out", tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+    from mmtune.tasks.common import load_task
+
+    task = load_task(str(run / "checkpoints/best.ckpt"))
+    assert task.preference_spec == PreferenceSpec(beta=0.2, loss="ipo")
