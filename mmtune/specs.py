@@ -28,13 +28,20 @@ class ModelSpec:
         pretrained: load pretrained weights through the family's own factory. Needs the network for
             hub names; offline, point `name` at a local directory or set `checkpoint`.
         checkpoint: a local weights file (.safetensors, .pth, .bin, .pt) for the architecture in `name`.
-        kwargs: extra arguments for the factory (timm: `img_size`, `in_chans`, `drop_path_rate`).
+        kwargs: extra arguments for the factory (timm: `img_size`, `in_chans`, `drop_path_rate`;
+            transformers: `attn_implementation`, `gguf_file`, ...).
+        dtype: weight dtype for transformers models (`float32`, `bfloat16`, `float16`, `auto`); None
+            keeps float32. Image classifiers ignore it (use the Trainer's `precision`).
+        quantization: load a transformers model quantized by bitsandbytes for QLoRA-style training:
+            `nf4` (4-bit NormalFloat, double quantization) or `int8`; `none` keeps full weights.
     """
 
     name: str
     pretrained: bool = True
     checkpoint: Optional[str] = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: Optional[str] = None
+    quantization: Literal["none", "nf4", "int8"] = "none"
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""Direct preference optimization (DPO, IPO) of causal language models on (prompt, chosen, rejected) data."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mmtune.data.text import IGNORE
+from mmtune.errors import ConfigError
+from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
+from mmtune.tasks import common
+from mmtune.tasks.sft import CausalLMTask, GenerationSpec
+
+
+@dataclass
+class PreferenceSpec:
+    """The preference loss.
+
+    Args:
+        beta: strength of the pull towards the reference model (DPO's KL weight).
+        loss: `sigmoid` (DPO) or `ipo` (IPO: squared loss on length-normalized log-ratios).
+    """
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's labeled tokens, and the number of those tokens."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = shift_labels != IGNORE
+    token_logps = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def preference_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, spec: PreferenceSpec
+                    ) -> dict[str, torch.Tensor]:
+    """Loss and diagnostics from log-probabilities of [chosen..., rejected...] rows.
+
+    Returns:
+        `loss` (the term to minimize), `reward_margin` (mean beta-scaled chosen-minus-rejected implicit
+        reward) and `accuracy` (share of pairs whose chosen reply gets the higher reward).
+    """
+    n = len(policy) // 2
+    ratios = policy - reference
+    if spec.loss == "ipo":
+        ratios = ratios / counts.clamp(min=1)
+    diff = ratios[:n] - ratios[n:]
+    if spec.loss == "sigmoid":
+        loss = -F.logsigmoid(spec.beta * diff).mean()
+    else:
+        loss = ((diff - 1 / (2 * spec.beta)) ** 2).mean()
+    rewards = spec.beta * (policy - reference).detach()
+    margin = rewards[:n] - rewards[n:]
+    return {"loss": loss, "reward_margin": margin.mean(), "accuracy": (margin > 0).float().mean()}
+
+
+class DPOTask(CausalLMTask):
+    """Preference tuning with DPO or IPO against a frozen reference model.
+
+    With an adapter the reference is the same network with its adapters switched off (no second copy
+    in memory); a full fine-tune keeps a frozen copy of the starting weights.
+
+    Args:
+        model, adapter, optimizer, monitor, chat_template, gradient_checkpointing, generation,
+        checkpoint_weights, predictions_file: as in `CausalLMTask`.
+        preference: beta and loss variant.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        adapter: AdapterSpec = AdapterSpec(method="lora"),
+        optimizer: OptimizerSpec = OptimizerSpec(lr=5e-5, weight_decay=0.0),
+        monitor: MonitorSpec = MonitorSpec(),
+        chat_template: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+        generation: GenerationSpec = GenerationSpec(),
+        checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
+        predictions_file: Optional[str] = None,
+        preference: PreferenceSpec = PreferenceSpec(),
+    ) -> None:
+        super().__init__(model, adapter, optimizer, monitor, chat_template, gradient_checkpointing, generation,
+                         checkpoint_weights, predictions_file)
+        self.preference_spec = as_spec(PreferenceSpec, preference)
+        if self.preference_spec.beta <= 0:
+            raise ConfigError(f"preference.beta must be positive, got {self.preference_spec.beta}")
+        self.hparams["preference"] = spec_to_dict(self.preference_spec)
+        self._ref: Optional[torch.nn.Module] = None
+        self._eval_stats: list[dict[str, float]] = []
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        super().configure_model()
+        if self.adapter_spec.method == "none":
+            # A full fine-tune changes every weight: the reference must be a frozen copy. It is kept out
+            # of the module tree so checkpoints and the optimizer never see it.
+            ref = copy.deepcopy(self.net).eval().requires_grad_(False)
+            object.__setattr__(self, "_ref", ref)
+
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        with torch.no_grad():
+            if self._ref is not None:
+                logits = self._ref.to(self.device)(**inputs, use_cache=False).logits
+            else:
+                with self.net.disable_adapter():
+                    logits = self.net(**inputs, use_cache=False).logits
+        return sequence_logps(logits, batch["labels"])[0]
+
+    def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        """`loss` to minimize plus `reward_margin` and `accuracy` for the logs."""
+        policy, counts = sequence_logps(self(batch), batch["labels"])
+        return preference_loss(policy, self._reference_logps(batch), counts, self.preference_spec)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch)
+        pairs = len(batch["input_ids"]) // 2
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=pairs)
+        return terms["loss"]
+
+    def _eval_step(self, batch: dict) -> None:
+        terms = self.loss_terms(batch)
+        pairs = len(batch["input_ids"]) // 2
+        self._eval_stats.append({**{k: float(v) * pairs for k, v in terms.items()}, "pairs": pairs})
+
+    def _log_loss(self, stage: str) -> None:
+        stats = common.gather_objects(self._eval_stats)
+        self._eval_stats = []
+        pairs = max(sum(s["pairs"] for s in stats), 1)
+        for name in ("loss", "reward_margin", "accuracy"):
+            self.log(f"{stage}/{name}", torch.tensor(sum(s[name] for s in stats) / pairs), prog_bar=name == "loss")

@@ -1,0 +1,324 @@
+"""Supervised fine-tuning of causal language models (instruction, chat, continued pretraining)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
+from mmtune.data.text import IGNORE, Conversation, PromptCollator, prompt_conversation
+from mmtune.errors import ConfigError
+from mmtune.models.hf import decoder_layers, lm_parts, load_causal_lm, load_tokenizer, resolve_hf_ref, stop_token_ids
+from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
+from mmtune.tasks import common
+
+PARTS_DOC = {"language": "the transformer blocks and norms", "embeddings": "input token embeddings",
+             "head": "the output projection (lm_head)"}
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class GenerationSpec:
+    """Generations for fixed prompts at every validation, written to `<run>/samples/step_N.jsonl`,
+    and the settings `mmtune predict` generates with.
+
+    Args:
+        prompts: user messages (or lists of turns) to answer at each validation; empty: none.
+        max_new_tokens: longest generation.
+        do_sample: sample (with `temperature`, `top_p`) instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+    """
+
+    prompts: list = field(default_factory=list)
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy over labeled tokens, and their count (float32 logits)."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    return total, (shift_labels != IGNORE).sum()
+
+
+class CausalLMTask(L.LightningModule):
+    """Fine-tunes any `AutoModelForCausalLM`: full, LoRA, DoRA, QLoRA (4-bit NF4 base + LoRA).
+
+    Args:
+        model: a hub id, a local `save_pretrained` directory, or a .gguf file; `quantization: nf4`
+            with `adapter.method: lora` is QLoRA.
+        adapter: adapters and per-part freezing; parts are `language` (blocks), `embeddings`, `head`.
+            With an adapter method, embeddings and head default to frozen; without, all train.
+        optimizer: AdamW settings and schedule.
+        monitor: best-checkpoint and early-stopping metric (`val/loss` by default).
+        chat_template: None uses the tokenizer's own template (built-in ChatML when it has none); a
+            built-in name (`chatml`) replaces it. The template is exported with the model.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        generation: fixed prompts generated at each validation, and generation settings for predict.
+        checkpoint_weights: `trainable` (adapters and trained parts only), `full`, or `auto`.
+        predictions_file: where `predict` writes its JSONL (default: `predictions.jsonl` in the run directory).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        adapter: AdapterSpec = AdapterSpec(method="lora"),
+        optimizer: OptimizerSpec = OptimizerSpec(lr=2e-4, weight_decay=0.0),
+        monitor: MonitorSpec = MonitorSpec(),
+        chat_template: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+        generation: GenerationSpec = GenerationSpec(),
+        checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
+        predictions_file: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.model_spec = as_spec(ModelSpec, model)
+        self.adapter_spec = as_spec(AdapterSpec, adapter)
+        self.optimizer_spec = as_spec(OptimizerSpec, optimizer)
+        self.monitor_spec = as_spec(MonitorSpec, monitor)
+        self.generation_spec = as_spec(GenerationSpec, generation)
+        resolve_hf_ref(self.model_spec)  # fail at construction on a missing file
+        if self.model_spec.quantization != "none" and self.adapter_spec.method == "none":
+            raise ConfigError("model.quantization needs an adapter (adapter.method: lora): quantized weights cannot train")
+        self.save_hyperparameters({
+            "model": spec_to_dict(self.model_spec), "adapter": spec_to_dict(self.adapter_spec),
+            "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
+            "chat_template": chat_template, "gradient_checkpointing": gradient_checkpointing,
+            "generation": spec_to_dict(self.generation_spec), "checkpoint_weights": checkpoint_weights,
+            "predictions_file": predictions_file,
+        })
+        self.tokenizer = load_tokenizer(self.model_spec, chat_template)
+        self.net: Optional[torch.nn.Module] = None
+        self.adapter_report: Optional[AdapterReport] = None
+        self._eval_sums = [0.0, 0]  # summed token loss and token count of the current evaluation
+        self._predictions: list[tuple[int, str]] = []
+        self._packing = False
+
+    # ---- build -------------------------------------------------------------------------------------
+    def _trainable_only(self) -> bool:
+        mode = self.hparams.checkpoint_weights
+        if mode != "auto":
+            return mode == "trainable"
+        something_frozen = self.adapter_spec.method != "none" or "frozen" in self.adapter_spec.parts.values()
+        return something_frozen and self.model_spec.pretrained
+
+    def setup(self, stage: str) -> None:
+        """Gives the data module the tokenizer (with the chosen chat template)."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and hasattr(dm, "connect"):
+            dm.connect(self.tokenizer)
+            self._packing = bool(getattr(dm, "packing", False)) and stage == "fit"
+            self.check_packing_support(self._packing)  # the model may already be built (validate, then fit)
+
+    def check_packing_support(self, packing: bool) -> None:
+        """Packed rows rely on transformers turning restarting position ids into per-sample attention;
+        an attention implementation that does not would let samples see each other."""
+        if not packing or self.net is None:
+            return
+        impl = self._raw().config._attn_implementation
+        if impl not in PACKING_ATTENTION:
+            raise ConfigError(f"data.packing needs an attention implementation that keeps packed samples apart "
+                              f"({', '.join(PACKING_ATTENTION)}); the model uses {impl!r}: set "
+                              "model.kwargs.attn_implementation or turn packing off")
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        net = load_causal_lm(self.model_spec)
+        gc = bool(self.hparams.gradient_checkpointing)
+        if self.model_spec.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            # Casts norms to float32 and, with checkpointing, makes inputs require grad for the adapters.
+            net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=gc,
+                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif gc:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.config.use_cache = False  # caches are for generation; training would only hold them in memory
+        self.net, self.adapter_report = self._adapt(net)
+        rank_zero_info(f"[mmtune] {self.model_spec.name}: {self.adapter_report.summary()}")
+        self.check_packing_support(self._packing)
+        if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2)
+            raw = self._raw()
+            prefix = "base_model.model." if raw is not self.net else ""
+            common.shard_fsdp2(self.net, self.device_mesh, [prefix + b for b in decoder_layers(raw)])
+
+    def _adapt(self, net: torch.nn.Module) -> tuple[torch.nn.Module, AdapterReport]:
+        parts = lm_parts(net)
+        # With adapters, embeddings and head stay frozen (as in peft's all-linear); a full fine-tune trains all.
+        frozen_default = "frozen" if self.adapter_spec.method != "none" else "full"
+        defaults = {"language": "adapter", "embeddings": frozen_default, "head": frozen_default}
+        return apply_adapter(net, self.adapter_spec, "hf", parts, {p: defaults[p] for p in parts})
+
+    def _raw(self) -> torch.nn.Module:
+        return self.net.get_base_model() if self.adapter_spec.method != "none" else self.net
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # No cache: besides wasting memory, a cache makes transformers skip the packed-sample detection
+        # that keeps attention inside each sample of a packed row.
+        return self.net(**inputs, use_cache=False).logits
+
+    def loss_terms(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Named loss terms (`ce`: mean next-token cross entropy over labeled tokens) and the token count."""
+        total, count = causal_lm_loss(self(batch), batch["labels"])
+        return {"ce": total / count.clamp(min=1)}, count
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms, count = self.loss_terms(batch)
+        loss = sum(terms.values())
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/tokens", batch["num_tokens"].float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def _eval_step(self, batch: dict) -> None:
+        total, count = causal_lm_loss(self(batch), batch["labels"])
+        self._eval_sums[0] += float(total)
+        self._eval_sums[1] += int(count)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def _log_loss(self, stage: str) -> None:
+        # Plain sums rather than a torchmetrics state: the loss is a per-token mean over the whole split
+        # (over every process), and sums survive validate-then-fit (inference-mode tensors would not).
+        sums = common.gather_objects([tuple(self._eval_sums)])
+        self._eval_sums = [0.0, 0]
+        total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
+        loss = torch.tensor(total / max(count, 1))
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_loss("val")
+        if self.trainer.sanity_checking or not self.generation_spec.prompts:
+            return
+        out = common.run_dir(self.trainer)
+        if out is None or not self.trainer.is_global_zero:
+            return
+        convs = [prompt_conversation(p, f"generation.prompts[{i}]") for i, p in enumerate(self.generation_spec.prompts)]
+        texts = self.generate(convs)
+        path = out / "samples" / f"step_{self.trainer.global_step}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for conv, text in zip(convs, texts):
+                f.write(json.dumps({"step": self.trainer.global_step, "messages": conv.messages, "generation": text}) + "\n")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_loss("test")
+
+    # ---- generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        spec = self.generation_spec
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.do_sample else dict(do_sample=False)
+            out = self.net.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                    max_new_tokens=spec.max_new_tokens, eos_token_id=stop_token_ids(self.tokenizer),
+                                    pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **sampling)
+        finally:
+            self.net.train(was_training)
+        return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+
+    def generate(self, conversations: list[Conversation], batch_size: int = 8) -> list[str]:
+        """Greedy (or sampled) replies to conversations, with the chat template's generation prompt."""
+        collate = PromptCollator(self.tokenizer)
+        texts: list[str] = []
+        for start in range(0, len(conversations), batch_size):
+            batch = collate(list(enumerate(conversations[start:start + batch_size])))
+            texts += self._generate_ids(batch["input_ids"], batch["attention_mask"])
+        return texts
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        texts = self._generate_ids(batch["input_ids"], batch["attention_mask"])
+        self._predictions += list(zip(batch["index"].tolist(), texts))
+        return texts
+
+    def on_predict_epoch_end(self) -> None:
+        rows = dict(common.gather_objects(self._predictions))  # duplicates from padded sampling collapse
+        self._predictions = []
+        out = common.run_dir(self.trainer)
+        if not self.trainer.is_global_zero:
+            return
+        target = Path(self.hparams.predictions_file or str((out or Path(".")) / "predictions.jsonl"))
+        prompts = self.trainer.predict_dataloaders.dataset.convs
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w") as f:
+            for i in sorted(rows):
+                f.write(json.dumps({"origin": prompts[i].origin, "messages": prompts[i].messages, "generation": rows[i]}) + "\n")
+        rank_zero_info(f"[mmtune] wrote {len(rows)} generations to {target}")
+
+    # ---- optimization, callbacks, checkpoints --------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        parts = lm_parts(self._raw())
+
+        def part_of(name: str) -> str:
+            for part, prefixes in parts.items():
+                if prefixes and any(name == p or name.startswith(p + ".") for p in prefixes):
+                    return part
+            return "language"
+
+        return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
+                                          part_of=part_of, part_names=PARTS_DOC)
+
+    def configure_callbacks(self) -> list:
+        return common.standard_callbacks(self.monitor_spec)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        common.record_task(self, checkpoint)
+        if self._trainable_only():
+            common.keep_trainable_weights(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        common.check_checkpoint_fits(self, checkpoint)
+        common.complete_trainable_checkpoint(self, checkpoint)
+
+    # ---- export --------------------------------------------------------------------------------------
+    def export(self, out_dir: str) -> Path:
+        """Merges adapters into the base weights and writes `save_pretrained` output with the tokenizer
+        and chat template: loadable by plain transformers and by serving engines."""
+        out = Path(out_dir)
+        if self.model_spec.quantization != "none":
+            merged = self._merge_into_full_precision()
+        else:
+            merged = merge_adapter(copy.deepcopy(self.net))
+        if resolve_hf_ref(self.model_spec).gguf_file:
+            # transformers dequantized the GGUF weights on load but still marks the model as GGUF-quantized,
+            # which save_pretrained refuses; the tensors are plain floats, so drop the marker.
+            merged.hf_quantizer = None
+            merged.config.__dict__.pop("quantization_config", None)
+        merged.config.use_cache = True
+        merged.eval().save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        (out / "mmtune.json").write_text(json.dumps({"task": "causal_lm", "source_model": self.model_spec.name},
+                                                    indent=2))
+        return out
+
+    def _merge_into_full_precision(self) -> torch.nn.Module:
+        """QLoRA: the adapters go into an unquantized copy of the base (merging into 4-bit weights would
+        round them away, and serving engines want plain weights)."""
+        import peft
+
+        base = load_causal_lm(self.model_spec, quantize=False)
+        adapted, _ = self._adapt(base)
+        peft.set_peft_model_state_dict(adapted, peft.get_peft_model_state_dict(self.net))
+        return merge_adapter(adapted)
