@@ -183,6 +183,8 @@ class _Window:
             "measured_steps": measured, "threads_in_window": self.threads,
             "step_ms": [round(1000 * t, 1) for t in times],
             "foreign_cores": _foreign_cores(self.cpu0, self.cpu1, self.t1 - self.t0),
+            "own_cpu_ms_per_step": (None if self.cpu0 is None or self.cpu1 is None else
+                                    1000 * (self.cpu1[1] - self.cpu0[1]) / os.sysconf("SC_CLK_TCK") / measured),
         }
 
 
@@ -331,7 +333,8 @@ def run_one(cfg: dict, args) -> dict:
         foreign = res.get("foreign_cores")
         if not args.quiet:
             print(f"  {res['runner']:6s} {res['model']:28s} {res['adapter']:4s} {res['images_per_s']:8.1f} img/s"
-                  f"  median step {res['median_step_ms']:7.1f} ms  peak RSS {res['peak_rss_mb']:6.0f} MB"
+                  f"  median step {res['median_step_ms']:6.1f} ms  CPU/step {res.get('own_cpu_ms_per_step') or 0:6.1f} ms"
+                  f"  peak RSS {res['peak_rss_mb']:5.0f} MB"
                   f"  other processes {'?' if foreign is None else f'{foreign:.2f}'} cores", flush=True)
         if best is None or (foreign or 0.0) < (best.get("foreign_cores") or 0.0):
             best = dict(res, attempts=attempt + 1)
@@ -346,7 +349,7 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
-def tables(results: list[dict], device: str) -> tuple[str, list[float]]:
+def tables(results: list[dict], device: str, max_foreign: float) -> tuple[str, list[float]]:
     """The markdown tables (throughput, memory) and the median mmtune/plain ratio of each configuration."""
     def runs(model, adapter, runner=None):
         return [r for r in results if (r["model"], r["adapter"]) == (model, adapter) and runner in (None, r["runner"])]
@@ -368,19 +371,22 @@ def tables(results: list[dict], device: str) -> tuple[str, list[float]]:
     ratios = []
     lines = [
         "| model | adapter | trainable params | plain img/s | mmtune img/s | mmtune/plain (range) "
-        f"| mmtune extra ms/step | {mem_name} plain | {mem_name} mmtune |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| mmtune/plain by CPU time | mmtune extra ms/step | {mem_name} plain | {mem_name} mmtune |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in models:
         for a in adapters:
             rs = per_repeat(m, a, lambda mm, pl: mm["images_per_s"] / pl["images_per_s"])
             extra = statistics.median(per_repeat(m, a, lambda mm, pl: step_ms(mm) - step_ms(pl)))
             ratio = statistics.median(rs)
+            cpu_rs = per_repeat(m, a, lambda mm, pl: (pl.get("own_cpu_ms_per_step") or 0.0) / mm["own_cpu_ms_per_step"]
+                                if mm.get("own_cpu_ms_per_step") else float("nan"))
+            disturbed = any((r.get("foreign_cores") or 0.0) > max_foreign for r in runs(m, a))
             ratios.append(ratio)
             lines.append(
-                f"| {m.removeprefix('timm:')} | {a} | {_fmt_params(runs(m, a)[0]['trainable'])} "
+                f"| {m.removeprefix('timm:')}{' (†)' if disturbed else ''} | {a} | {_fmt_params(runs(m, a)[0]['trainable'])} "
                 f"| {med(m, a, 'plain', 'images_per_s'):.1f} | {med(m, a, 'mmtune', 'images_per_s'):.1f} "
-                f"| **{ratio:.3f}** ({min(rs):.3f}-{max(rs):.3f}) | {extra:+.1f} "
+                f"| **{ratio:.3f}** ({min(rs):.3f}-{max(rs):.3f}) | {statistics.median(cpu_rs):.3f} | {extra:+.1f} "
                 f"| {med(m, a, 'plain', mem_key):.0f} | {med(m, a, 'mmtune', mem_key):.0f} |"
             )
     if {"lora", "full"} <= set(adapters):
@@ -423,8 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help=f"exit 1 when a mmtune/plain ratio is below {TARGET_RATIO}")
     parser.add_argument("--max-foreign", type=float, default=0.2,
                         help="rerun a configuration when other processes used more CPU cores than this while it was timed")
-    parser.add_argument("--retries", type=int, default=3, help="reruns of a configuration disturbed by other processes")
-    parser.add_argument("--max-wait", type=float, default=120.0,
+    parser.add_argument("--retries", type=int, default=2, help="reruns of a configuration disturbed by other processes")
+    parser.add_argument("--max-wait", type=float, default=60.0,
                         help="seconds to wait before each run for other processes to go quiet")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -463,7 +469,7 @@ def main(argv=None) -> int:
                         cfg = dict(base, model=model, adapter=adapter, runner=runner)
                         results.append(dict(run_one(cfg, args), repeat=rep))
     load_end = os.getloadavg()
-    table, ratios = tables(results, device)
+    table, ratios = tables(results, device, args.max_foreign)
     foreign = [r["foreign_cores"] for r in results if r.get("foreign_cores") is not None]
     reruns = sum(r["attempts"] - 1 for r in results)
     ok = min(ratios) >= TARGET_RATIO
@@ -481,6 +487,9 @@ def main(argv=None) -> int:
         "",
         table,
         "",
+        *([f"(†): other processes used more than {args.max_foreign} cores during some timed window of this row "
+           "even after the reruns; its figures are less reliable.", ""]
+          if any((r.get("foreign_cores") or 0.0) > args.max_foreign for r in results) else []),
         f"mmtune/plain throughput ratio: min {min(ratios):.3f}, median {statistics.median(ratios):.3f} "
         f"(target >= {TARGET_RATIO}: {'met' if ok else 'NOT met'}).",
     ])
