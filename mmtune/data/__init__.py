@@ -1,0 +1,1 @@
+"""Data: readers -> standard samples -> transforms -> collated batches, one data module per task."""

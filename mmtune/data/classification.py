@@ -1,0 +1,270 @@
+"""The data module for image classification: folders or manifests -> splits -> batches."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmtune.data.images import HighBitPolicy, find_unreadable, load_image
+from mmtune.data.readers import ManifestColumns, read_image_labels
+from mmtune.data.samplers import EpochSampler, seed_everything_from
+from mmtune.data.samples import ImageLabel
+from mmtune.data.splits import SPLIT_NAMES, assign_splits
+from mmtune.data.transforms import AugmentSpec, build_transform
+from mmtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassificationDataset(Dataset):
+    """Samples -> {"pixels", "target" (if labeled), "index"}; multi-label targets are multi-hot."""
+
+    def __init__(self, samples: list[ImageLabel], transform, classes: Optional[list[str]], multi_label: bool,
+                 channels: int, high_bit: HighBitPolicy, seed: int = 0) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.index = {c: i for i, c in enumerate(classes)} if classes is not None else None
+        self.multi_label = multi_label
+        self.channels = channels
+        self.high_bit = high_bit
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> dict:
+        if isinstance(key, tuple):  # (epoch, index) from EpochSampler: seed this sample's augmentation
+            epoch, i = key
+            seed_everything_from(self.seed, epoch, i)
+        else:
+            i = key
+        sample = self.samples[i]
+        item = {"pixels": self.transform(load_image(sample.path, self.channels, self.high_bit)), "index": i}
+        if self.index is not None:
+            if self.multi_label:
+                target = torch.zeros(len(self.index))
+                target[[self.index[c] for c in sample.labels]] = 1.0
+            else:
+                target = torch.tensor(self.index[sample.labels[0]])
+            item["target"] = target
+        return item
+
+
+class ImageClassificationData(L.LightningDataModule):
+    """Image folders or CSV/JSONL manifests for single- and multi-label classification.
+
+    The class list comes from the training split. The task connects itself in its `setup`
+    (`connect(classes, multi_label, data_config)`): it decides the final class list (the checkpoint's
+    when testing one) and gives the model's input size and normalization.
+
+    Args:
+        path: an image folder (`<class>/x.png` or `<split>/<class>/x.png`) or a manifest
+            (`.csv/.tsv/.jsonl/.json` with `path,label[,split][,group]`; paths relative to it;
+            multi-label as `a|b`).
+        val_path: a separate validation source (otherwise split from `path`).
+        test_path: a separate test source (otherwise split from `path`).
+        predict_path: images to predict (folder or manifest; labels not needed).
+        split: train/val/test shares for rows without a split; deterministic given `seed`.
+        seed: split and shuffle seed.
+        group_column: manifest column whose groups (patient, study, lot) never cross splits.
+        path_column: manifest column with the image path.
+        label_column: manifest column with the label(s).
+        split_column: manifest column with train/val/test, when present.
+        label_separator: separator of labels in multi-label rows.
+        multi_label: force multi-label (sigmoid) or multi-class; None infers it from the labels.
+        batch_size: training batch size per device.
+        eval_batch_size: evaluation batch size (default: `batch_size`).
+        num_workers: data loading processes.
+        image_size: train and evaluate at this square size instead of the model's default.
+        augment: training augmentation.
+        sampler: `shuffle`, or `balanced` (draws classes equally often, for imbalanced data).
+        bad_images: `error` stops at setup listing unreadable images; `skip` drops them and lists
+            them in the run directory (`skipped_images.csv`).
+        verify_images: decode every image at setup to find unreadable ones before training.
+        high_bit: how 16-bit images become 8-bit: `min_max` per image, or `full_range`.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        val_path: Optional[str] = None,
+        test_path: Optional[str] = None,
+        predict_path: Optional[str] = None,
+        split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        seed: int = 42,
+        group_column: Optional[str] = None,
+        path_column: str = "path",
+        label_column: str = "label",
+        split_column: str = "split",
+        label_separator: str = "|",
+        multi_label: Optional[bool] = None,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 2,
+        image_size: Optional[int] = None,
+        augment: AugmentSpec = AugmentSpec(),
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
+        bad_images: Literal["error", "skip"] = "error",
+        verify_images: bool = True,
+        high_bit: HighBitPolicy = "min_max",
+    ) -> None:
+        super().__init__()
+        self.path, self.val_path, self.test_path, self.predict_path = path, val_path, test_path, predict_path
+        self.split_ratios = tuple(split)
+        self.seed = seed
+        self.columns = ManifestColumns(path_column, label_column, split_column, group_column)
+        self.label_separator = label_separator
+        self.multi_label_option = multi_label
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.augment = augment
+        self.sampler = sampler
+        self.bad_images = bad_images
+        self.verify_images = verify_images
+        self.high_bit = high_bit
+
+        self.splits: dict[str, list[ImageLabel]] = {}
+        self.skipped: dict[str, str] = {}
+        self.classes: list[str] = []
+        self.multi_label = False
+        self.data_config: Optional[dict] = None
+
+    # ---- reading -------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in ("fit", "validate", "test", None) and not self.splits:
+            self._read_labeled()
+        if stage == "predict" and "predict" not in self.splits:
+            if not self.predict_path:
+                raise DataError("data.predict_path is not set: name the images to predict (a folder or manifest)")
+            self.splits["predict"] = self._checked(read_image_labels(self.predict_path, self.columns, self.label_separator))
+        self._write_skipped()
+
+    def _read_labeled(self) -> None:
+        if not self.path:
+            raise DataError("data.path is not set: name an image folder or a manifest")
+        samples = read_image_labels(self.path, self.columns, self.label_separator)
+        explicit = {"val": self.val_path, "test": self.test_path}
+        extra = {name: read_image_labels(src, self.columns, self.label_separator) for name, src in explicit.items() if src}
+        with_split = [s for s in samples if s.split]
+        if with_split and len(with_split) != len(samples):
+            lacking = next(s for s in samples if not s.split)
+            raise DataError(f"some rows name a split and some do not (e.g. {lacking.origin}); give every row a split or none")
+        if not with_split:
+            ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
+            groups = [s.group for s in samples] if self.columns.group else None
+            for s, name in zip(samples, assign_splits(len(samples), ratios, self.seed, groups)):
+                s.split = name
+        for name, rows in extra.items():
+            samples = [s for s in samples if s.split != name]
+            for s in rows:
+                s.split = name
+            samples += rows
+        samples = self._checked(samples)
+        self.splits = {name: [s for s in samples if s.split == name] for name in SPLIT_NAMES}
+        train = self.splits["train"]
+        if not train:
+            raise DataError(f"the train split of {self.path} is empty")
+        for s in train:
+            if not s.labels and self.multi_label_option is not True:
+                raise DataError(f"{s.origin}: empty label (multi-label data with no positive label needs data.multi_label: true)")
+        self.multi_label = self.multi_label_option if self.multi_label_option is not None else any(len(s.labels) > 1 for s in samples)
+        self.classes = sorted({c for s in train for c in s.labels})
+        if not self.multi_label and len(self.classes) < 2:
+            raise DataError(f"the train split has {len(self.classes)} class(es) {self.classes}; classification needs at least 2")
+
+    def _checked(self, samples: list[ImageLabel]) -> list[ImageLabel]:
+        if not self.verify_images:
+            return samples
+        bad = find_unreadable([s.path for s in samples], workers=max(2, self.num_workers))
+        if bad and self.bad_images == "error":
+            shown = "; ".join(f"{s.origin}: {bad[s.path]}" for s in samples if s.path in bad)
+            raise DataError(f"{len(bad)} unreadable image(s) (set data.bad_images: skip to drop them): {shown[:2000]}")
+        if bad:
+            log.warning("skipping %d unreadable image(s); see skipped_images.csv in the run directory", len(bad))
+            self.skipped.update(bad)
+        return [s for s in samples if s.path not in bad]
+
+    def _write_skipped(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not self.skipped or not trainer.is_global_zero or not log_dir:
+            return
+        out = Path(log_dir) / "skipped_images.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "reason"])
+            writer.writerows(sorted(self.skipped.items()))
+
+    # ---- connection to the task ------------------------------------------------------------------
+    def connect(self, classes: list[str], multi_label: bool, data_config: dict) -> None:
+        """Fixes the class list and the model's input config; every labeled row must use known classes."""
+        known = set(classes)
+        for name, samples in self.splits.items():
+            for s in samples:
+                unknown = [c for c in s.labels if c not in known]
+                if unknown and name != "predict":
+                    raise DataError(f"{s.origin}: label {unknown[0]!r} is not in the class list {classes}")
+                if not multi_label and name != "predict" and len(s.labels) != 1:
+                    raise DataError(f"{s.origin}: multi-class data needs exactly one label per image, got {list(s.labels)}")
+        self.classes = list(classes)
+        self.multi_label = multi_label
+        self.data_config = dict(data_config)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (positives per label for multi-label)."""
+        counts = Counter(c for s in self.splits.get("train", []) for c in s.labels)
+        return [counts.get(c, 0) for c in self.classes]
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def _dataset(self, split: str, train: bool = False) -> ImageClassificationDataset:
+        if self.data_config is None:
+            raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
+        samples = self.splits.get(split) or []
+        if not samples:
+            raise DataError(f"the {split} split is empty (source: {self.path}); add data or adjust data.split")
+        transform = build_transform(self.data_config, train, self.augment, self.image_size)
+        labeled = split != "predict" or all(s.labels for s in samples)
+        return ImageClassificationDataset(samples, transform, self.classes if labeled else None, self.multi_label,
+                                          self.data_config["input_size"][0], self.high_bit, self.seed)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def _sample_weights(self, samples: list[ImageLabel]) -> list[float]:
+        counts = Counter(c for s in samples for c in s.labels)
+        # an item weighs as much as its rarest label, so each class is drawn about equally often
+        return [max((1.0 / counts[c] for c in s.labels), default=1.0) for s in samples]
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train", train=True)
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        weights = self._sample_weights(dataset.samples) if self.sampler == "balanced" else None
+        sampler = EpochSampler(len(dataset), self.seed, weights, world, rank)
+        # BatchNorm cannot train on a last batch of one image; drop the ragged end when there is more than one batch
+        drop_last = len(dataset) // world > self.batch_size
+        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val"), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test"), self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("predict"), self.eval_batch_size)

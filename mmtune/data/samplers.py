@@ -1,0 +1,55 @@
+"""A sampler whose order depends only on (seed, epoch): resumed runs see the same batches as
+uninterrupted ones, and it shards itself across processes.
+
+It yields `(epoch, index)` keys so the dataset can seed each sample's augmentation from
+(seed, epoch, index): augmentations then do not depend on worker count, on process, or on how many
+random draws Lightning made before the epoch (which differs when a run resumes).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffled (or class-balanced, with `weights`) sampling, seeded by (seed, epoch), sharded by rank.
+
+    It subclasses `DistributedSampler` so Lightning calls `set_epoch` on it and does not wrap it
+    again under DDP; on one process it is an ordinary seeded shuffle.
+
+    Args:
+        length: dataset size.
+        seed: base seed.
+        weights: per-item sampling weights; draws `length` items with replacement when given.
+        num_replicas: world size (1 without distributed training).
+        rank: this process's rank.
+    """
+
+    def __init__(self, length: int, seed: int, weights: Optional[Sequence[float]] = None,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.weights is None:
+            order = list(super().__iter__())
+        else:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g).tolist()
+            order = order[self.rank:self.total_size:self.num_replicas]
+        return iter([(self.epoch, i) for i in order])
+
+
+def seed_everything_from(*parts: int) -> None:
+    """Seeds python, numpy and torch RNGs from a tuple of integers (a stable hash of them)."""
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**31 - 1)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,25 @@
+"""Standard samples that readers produce and data modules consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ImageLabel:
+    """One image with zero or more labels.
+
+    Attributes:
+        path: absolute image path.
+        labels: class names (one for multi-class; any number for multi-label; empty when unlabeled).
+        group: group key (patient, study, lot) that must not cross splits.
+        split: split named by the source (`train`, `val`, `test`), if any.
+        origin: where it came from, for error messages (`manifest.csv row 12`).
+    """
+
+    path: str
+    labels: tuple[str, ...]
+    group: Optional[str] = None
+    split: Optional[str] = None
+    origin: str = ""

@@ -1,0 +1,53 @@
+"""Deterministic, seeded train/val/test splits that keep each group (patient, lot) in one split."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Optional, Sequence
+
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+
+
+def assign_splits(
+    n: int, ratios: Sequence[float], seed: int, groups: Optional[Sequence[Optional[str]]] = None
+) -> list[str]:
+    """Assigns each of `n` items to train/val/test.
+
+    Whole groups are assigned (items without a group are their own group). Groups are shuffled with
+    `seed`, then each goes to the split furthest below its target share of items, so splits come out
+    close to `ratios` even when groups differ in size.
+
+    Args:
+        n: number of items.
+        ratios: train, val, test shares (normalized; a zero share gets nothing).
+        seed: shuffle seed; the same inputs always give the same assignment.
+        groups: group key of each item, or None.
+
+    Returns:
+        The split name of each item.
+    """
+    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
+        raise ValueError(f"split ratios must be three non-negative numbers, got {list(ratios)}")
+    total = float(sum(ratios))
+    shares = [r / total for r in ratios]
+    members: dict[str, list[int]] = defaultdict(list)
+    for i in range(n):
+        key = groups[i] if groups is not None and groups[i] not in (None, "") else f"\0item{i}"
+        members[key].append(i)
+    keys = sorted(members)
+    random.Random(seed).shuffle(keys)
+    counts = [0, 0, 0]
+    out = [""] * n
+    for key in keys:
+        size = len(members[key])
+        # deficit of each split after taking this group; pick the one furthest below target
+        placed = sum(counts) + size
+        deficits = [shares[s] * placed - counts[s] if shares[s] > 0 else float("-inf") for s in range(3)]
+        s = max(range(3), key=lambda j: deficits[j])
+        counts[s] += size
+        for i in members[key]:
+            out[i] = SPLIT_NAMES[s]
+    return out
