@@ -1,0 +1,235 @@
+"""Image-text alignment: losses, retrieval metrics, pair data, and CLIP/SigLIP runs through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import only_version, run_cli
+from mmtune.errors import DataError
+from mmtune.losses.contrastive import ClipLoss, SigLipLoss
+from mmtune.metrics.retrieval import pair_retrieval_metrics
+from support import ddp_loss_worker
+from support.ddp_loss_worker import global_batch, grads_of
+from support.tiny_align import make_pair_set, save_tiny_clip, save_tiny_siglip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "model")
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> Path:
+    return save_tiny_siglip(tmp_path_factory.mktemp("siglip") / "model")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return make_pair_set(tmp_path_factory.mktemp("pairs"), per_kind=8)
+
+
+def align_config(path: Path, model_dir: Path, data_path: Path, model_args: dict | None = None,
+                 data_args: dict | None = None, trainer: dict | None = None) -> Path:
+    config = {
+        "model": {"class_path": "ImageTextAlignmentTask",
+                  "init_args": {"model": {"name": str(model_dir)}, "optimizer": {"lr": 5e-3, "warmup": 0.1},
+                                "monitor": {"metric": "val/mean_recall", "mode": "max"}, **(model_args or {})}},
+        "data": {"class_path": "ImageTextPairData",
+                 "init_args": {"path": str(data_path), "batch_size": 8, "num_workers": 0, "group_column": "group",
+                               "label_column": "label", "split": [0.5, 0.25, 0.25], **(data_args or {})}},
+        "trainer": {"accelerator": "cpu", "max_epochs": 4, "enable_progress_bar": False,
+                    "enable_model_summary": False, **(trainer or {})},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+def _unit(n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def test_losses_match_transformers_without_duplicates():
+    from transformers.models.clip.modeling_clip import image_text_contrastive_loss as clip_loss
+
+    image, text = _unit(6)
+    scale = torch.tensor(math.log(10.0))
+    ours = sum(ClipLoss()(image, text, scale).values())
+    assert ours == pytest.approx(clip_loss(10.0 * text @ image.T).item(), abs=1e-5)
+    bias = torch.tensor(-2.0)
+    logits = 10.0 * text @ image.T + bias  # SiglipModel.forward's loss
+    labels = 2 * torch.eye(6) - 1
+    reference = -F.logsigmoid(labels * logits).sum() / 6
+    assert SigLipLoss()(image, text, scale, logit_bias=bias)["sigmoid"].item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+def test_duplicate_texts_are_positives_not_negatives():
+    e = torch.eye(4)
+    image = e[[0, 0, 1, 2]]  # rows 0 and 1: the same image with the same caption
+    text = e[[0, 0, 1, 2]]
+    keys = (torch.tensor([7, 7, 8, 9]), torch.tensor([1, 1, 2, 3]))
+    scale = torch.tensor(math.log(50.0))
+    without = sum(ClipLoss()(image, text, scale).values())
+    with_keys = sum(ClipLoss()(image, text, scale, keys=keys).values())
+    assert without > 0.3  # scored as negatives, a perfect model still pays log 2 on the duplicate rows
+    assert with_keys < 1e-6
+    bias = torch.tensor(-10.0)
+    sig_without = SigLipLoss()(image, text, scale, logit_bias=bias)["sigmoid"]
+    sig_with = SigLipLoss()(image, text, scale, keys=keys, logit_bias=bias)["sigmoid"]
+    assert sig_with < 0.01 < sig_without
+
+
+def test_a_batch_of_one_is_a_clear_error():
+    image, text = _unit(1)
+    for loss in (ClipLoss(), SigLipLoss()):
+        with pytest.raises(DataError, match="at least 2 pairs"):
+            loss(image, text, torch.tensor(0.0))
+
+
+def test_retrieval_metrics_match_torchmetrics():
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR
+
+    image, text = _unit(30, d=4, seed=3)
+    text_keys = torch.arange(30) % 25  # five captions appear twice
+    image_keys = torch.arange(30)
+    ours = pair_retrieval_metrics(image, text, (image_keys, text_keys), ks=(1, 5, 10), chunk=7)
+    # shifted positive: torchmetrics 1.9's MRR treats relevant documents scored <= 0 as irrelevant
+    scores = image @ text.T + 2.0
+    relevant = (text_keys[:, None] == text_keys[None, :]) | (image_keys[:, None] == image_keys[None, :])
+    for name, s, rel in (("i2t", scores, relevant), ("t2i", scores.T, relevant.T)):
+        indexes = torch.arange(30)[:, None].expand(30, 30).reshape(-1)
+        for k in (1, 5, 10):
+            ref = RetrievalHitRate(top_k=k)(s.reshape(-1), rel.reshape(-1), indexes=indexes)
+            assert ours[f"{name}_r@{k}"] == pytest.approx(ref.item(), abs=1e-6), (name, k)
+        assert ours[f"{name}_mrr"] == pytest.approx(RetrievalMRR()(s.reshape(-1), rel.reshape(-1), indexes=indexes).item(), abs=1e-6)
+    assert 0 < ours["i2t_r@1"] < ours["i2t_r@10"] < 1
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def test_bad_pairs_stop_or_skip(tmp_path):
+    from mmtune.data.pairs import ImageTextPairData
+
+    manifest = make_pair_set(tmp_path, per_kind=2, extra_rows=[
+        {"image": "red_square_0.png", "text": "  ", "group": "x", "label": "red"},
+        {"image": "nowhere.png", "text": "a photo of a red circle", "group": "y", "label": "red"},
+    ])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with manifest.open("a") as f:
+        f.write("broken.png,a photo of a blue square,z,blue\n")
+    with pytest.raises(DataError) as err:
+        ImageTextPairData(path=str(manifest), num_workers=0).setup("fit")
+    message = str(err.value)
+    assert "3 bad pair(s)" in message and f"{manifest} row 18: empty text" in message
+    assert "row 19: image not found" in message and "row 20: cannot read image" in message
+    dm = ImageTextPairData(path=str(manifest), num_workers=0, bad_pairs="skip")
+    dm.setup("fit")
+    assert sum(len(v) for v in dm.splits.values()) == 16 and len(dm.skipped) == 3
+
+
+# ---- runs through the CLI ---------------------------------------------------------------------------
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_clip_lora_fit_test_export(tmp_path, clip_dir, pairs):
+    from transformers import AutoModel, AutoProcessor
+
+    from mmtune.tasks.common import load_task
+
+    cfg = align_config(tmp_path / "clip.yaml", clip_dir, pairs,
+                       model_args={"adapter": {"method": "lora", "r": 8, "alpha": 16}})
+    runs = ["--runs_dir", tmp_path / "runs", "--run_name", "clip"]
+    run_cli("test", "--config", cfg, *runs)  # the untuned model (LoRA starts as a no-op)
+    run = only_version(tmp_path / "runs", "clip")
+    before = _metrics(run)["test"]["metrics"]
+    run_cli("fit", "--config", cfg, *runs)
+    run = sorted((tmp_path / "runs" / "clip").glob("version_*"))[-1]
+    run_cli("test", "--config", cfg, *runs, "--ckpt_path", run / "checkpoints" / "best.ckpt")
+    after = _metrics(run)["test"]["metrics"]
+    for key in ("test/i2t_r@1", "test/i2t_r@5", "test/i2t_r@10", "test/t2i_r@1", "test/t2i_mrr", "test/i2t_mrr",
+                "test/zero_shot_accuracy", "test/loss"):
+        assert key in after, key
+    assert after["test/mean_recall"] > before["test/mean_recall"] + 0.1, (before, after)
+    assert after["test/loss"] < before["test/loss"]
+
+    ckpt = run / "checkpoints" / "best.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert any("lora_A" in k for k in state) and not any("vision_model.embeddings.patch_embedding" in k for k in state)
+    out = tmp_path / "exported"
+    run_cli("export", "--ckpt_path", ckpt, "--out", out)
+    plain = AutoModel.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(plain).__name__ == "CLIPModel" and not any("lora" in n for n, _ in plain.named_parameters())
+    task = load_task(str(ckpt)).eval()
+    from PIL import Image
+
+    images = [Image.open(p) for p in sorted(pairs.parent.glob("*.png"))[:4]]
+    texts = ["a photo of a red square", "a photo of a blue circle", "a photo of a green square", "yellow"]
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours_img = task.net.encode_image(enc["pixel_values"])
+        ours_txt = task.net.encode_text(enc["input_ids"], enc["attention_mask"])
+        out_plain = plain(**enc)
+    assert torch.allclose(out_plain.image_embeds, F.normalize(ours_img, dim=-1), atol=1e-4)
+    assert torch.allclose(out_plain.text_embeds, F.normalize(ours_txt, dim=-1), atol=1e-4)
+    base = AutoModel.from_pretrained(clip_dir)
+    assert not torch.allclose(base.get_image_features(pixel_values=enc["pixel_values"]).pooler_output, ours_img, atol=1e-3)
+
+
+def test_siglip_text_lora_with_frozen_vision(tmp_path, siglip_dir, pairs):
+    from mmtune.tasks.common import load_task
+
+    cfg = align_config(tmp_path / "siglip.yaml", siglip_dir, pairs, trainer={"max_epochs": 2}, model_args={
+        "adapter": {"method": "lora", "r": 4, "parts": {"vision": "frozen", "text": "adapter"}},
+        "optimizer": {"lr": 5e-3, "part_lrs": {"projection": 1e-2}},
+    })
+    run_cli("fit", "--config", cfg, "--runs_dir", tmp_path / "runs", "--run_name", "siglip")
+    run = only_version(tmp_path / "runs", "siglip")
+    assert "val/mean_recall" in _metrics(run)["fit"]["metrics"] or _metrics(run)["fit"]
+    task = load_task(str(run / "checkpoints" / "last.ckpt"))
+    assert task.loss_name == "sigmoid"
+    assert task.adapter_report.adapted and all(n.startswith("model.text_model.") for n in task.adapter_report.adapted)
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(siglip_dir)
+    merged = task.export(str(tmp_path / "export")) and AutoModel.from_pretrained(tmp_path / "export")
+    b, m = base.state_dict(), merged.state_dict()
+    vision = [k for k in b if k.startswith("vision_model.")]
+    assert vision and all(torch.equal(b[k], m[k]) for k in vision)  # frozen tower unchanged
+    assert any(not torch.equal(b[k], m[k]) for k in b if k.startswith("text_model.encoder"))
+    assert not torch.equal(b["logit_bias"], m["logit_bias"])  # learnable bias trained
+
+
+# ---- distributed ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
+    out = tmp_path / "ddp.pt"
+    # spawn, not fork: a fork after this process ran torch ops can hang in the children's thread pools
+    torch.multiprocessing.spawn(ddp_loss_worker.run, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    two = torch.load(out)
+    image, text, keys, proj = global_batch()
+    for name, cls in (("infonce", ClipLoss), ("sigmoid", SigLipLoss)):
+        proj1 = proj.clone().requires_grad_(True)
+        scale = torch.tensor(math.log(10.0), requires_grad=True)
+        bias = torch.tensor(-3.0, requires_grad=True)
+        loss = sum(cls()(F.normalize(image @ proj1, dim=-1), F.normalize(text @ proj1, dim=-1), scale, keys=keys,
+                         logit_bias=bias).values())
+        loss.backward()
+        grads = grads_of(proj1, scale, bias)
+        assert two[name][0].item() == pytest.approx(loss.item(), abs=1e-5), name
+        assert torch.allclose(two[name][1], grads, atol=1e-5), name
