@@ -233,3 +233,45 @@ def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
         grads = grads_of(proj1, scale, bias)
         assert two[name][0].item() == pytest.approx(loss.item(), abs=1e-5), name
         assert torch.allclose(two[name][1], grads, atol=1e-5), name
+
+
+# ---- dual encoder ---------------------------------------------------------------------------------
+def test_timm_bert_dual_encoder_zero_shot_and_export(tmp_path, tiny_models, pairs):
+    import lightning as L
+
+    from mmtune import AdapterSpec, ImageTextAlignmentTask, ImageTextPairData, ModelSpec, OptimizerSpec
+    from support.tiny_align import save_tiny_bert
+
+    bert = save_tiny_bert(tmp_path / "bert")
+
+    def task_and_data():
+        task = ImageTextAlignmentTask(ModelSpec(name=str(tiny_models["vit"]), kwargs={"img_size": 32}), text_model=ModelSpec(name=str(bert)),
+                                      adapter=AdapterSpec(method="lora", r=4, parts={"vision": "full"}),
+                                      optimizer=OptimizerSpec(lr=3e-3, warmup=0.1), pooling="mean", embed_dim=16)
+        data = ImageTextPairData(path=str(pairs), batch_size=8, num_workers=0, group_column="group",
+                                 label_column="label", split=(0.5, 0.25, 0.25))
+        return task, data
+
+    def trainer(epochs):
+        return L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+    L.seed_everything(0)
+    task, data = task_and_data()
+    before = trainer(1).test(task, datamodule=data, verbose=False)[0]
+    trainer(10).fit(task, datamodule=data)
+    after = trainer(1).test(task, datamodule=data, verbose=False)[0]
+    assert task.family_name == "dual_encoder"
+    assert all(n.startswith("text.") for n in task.adapter_report.adapted)  # vision trains fully here
+    assert after["test/zero_shot_accuracy"] > before["test/zero_shot_accuracy"], (before, after)
+    assert after["test/mean_recall"] > before["test/mean_recall"], (before, after)
+
+    out = task.export(str(tmp_path / "export"))
+    assert (out / "image" / "config.json").is_file() and (out / "text" / "config.json").is_file()
+    reloaded = ImageTextAlignmentTask(ModelSpec(name=str(out)))
+    reloaded.setup("test")
+    reloaded.eval(), task.eval()
+    batch = {"pixels": torch.rand(3, 3, 32, 32), **task.preprocess.text(["a photo of a red square", "blue", "circle"])}
+    with torch.no_grad():
+        assert torch.allclose(task.embed_images(batch["pixels"]), reloaded.embed_images(batch["pixels"]), atol=1e-4)
+        assert torch.allclose(task.embed_texts(batch), reloaded.embed_texts(batch), atol=1e-4)

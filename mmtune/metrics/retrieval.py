@@ -4,7 +4,7 @@ Hand-written rather than torchmetrics' `RetrievalHitRate`/`RetrievalMRR`: those 
 (query, document, score) triple per entry, i.e. N*N rows for N pairs, while this scores one chunk of
 queries against all documents at a time. Definitions match torchmetrics' hit rate and MRR (a test
 checks it): a query counts as a hit at K when any relevant document ranks in its top K; MRR is the mean
-of 1 / rank of the best-ranked relevant document. Ties count in the query's favour. (torchmetrics 1.9's
+of 1 / rank of the best-ranked relevant document. Ties count against the query. (torchmetrics 1.9's
 `retrieval_reciprocal_rank` also ignores relevant documents scored <= 0, which cosine scores often are.)
 """
 
@@ -31,7 +31,8 @@ def ranks_of_first_relevant(queries: torch.Tensor, docs: torch.Tensor, relevant_
         scores = queries[rows].float() @ docs.float().T
         rel = relevant_fn(rows)
         best = scores.masked_fill(~rel, float("-inf")).max(dim=1).values
-        out.append((scores > best[:, None]).sum(dim=1))
+        # ties count against the query: a collapsed model (all scores equal) must not look perfect
+        out.append(((scores >= best[:, None]) & ~rel).sum(dim=1))
     return torch.cat(out)
 
 

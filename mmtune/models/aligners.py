@@ -167,3 +167,29 @@ ALIGNERS.register("clip")(AlignerFamily(_build_transformers(False, False), _HF_P
                                          _export_transformers, "clip_towers"))
 ALIGNERS.register("siglip")(AlignerFamily(_build_transformers(True, True), _HF_PARTS, "sigmoid",
                                            _export_transformers, "clip_towers"))
+
+
+@DEFAULT_TARGETS.register("dual_encoder")
+def dual_encoder_targets(candidates: dict[str, nn.Module]) -> list[str]:
+    """The image backbone's timm defaults (linears, else convs) plus every linear of the text encoder."""
+    from mmtune.adapters.targets import vision_backbone_targets
+
+    image = {n: m for n, m in candidates.items() if n.startswith("image.")}
+    text = [n for n, m in candidates.items() if n.startswith("text.") and isinstance(m, nn.Linear)]
+    return vision_backbone_targets(image) + text
+
+
+def _build_dual(spec: ModelSpec, text_model: Optional[ModelSpec], options: dict):
+    from mmtune.models.dual_encoder import build_dual_encoder
+
+    return build_dual_encoder(spec, text_model, options)
+
+
+def _export_dual(module: nn.Module, extra, out: Path) -> None:
+    from mmtune.models.dual_encoder import export_dual_encoder
+
+    export_dual_encoder(module, extra, out)
+
+
+ALIGNERS.register("dual_encoder")(AlignerFamily(
+    _build_dual, {"vision": ["image"], "text": ["text"], "projection": None}, "infonce", _export_dual, "dual_encoder"))

@@ -122,7 +122,7 @@ class ImageTextAlignmentTask(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Builds the model (its processor is needed by the data) and connects the data module."""
         self._build()
-        dm = self.trainer.datamodule if self.trainer is not None else None
+        dm = self._trainer.datamodule if self._trainer is not None else None
         if dm is not None:
             dm.connect(self.preprocess)
 

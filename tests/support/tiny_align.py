@@ -13,18 +13,18 @@ SHAPES = ("square", "circle")
 WORDS = "a photo of the small big".split() + list(COLORS) + list(SHAPES)
 
 
-def word_tokenizer():
-    """A word-level tokenizer over the captions' words, built locally (no hub)."""
+def word_tokenizer(pad: str = "<pad>", unk: str = "<unk>", bos: str = "<s>", eos: str = "</s>", extra=()):
+    """A word-level tokenizer over the captions' words, built locally (no hub): `bos text eos`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    vocab = {w: i for i, w in enumerate([pad, unk, bos, eos, *extra] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=16)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, 2), (eos, 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, bos_token=bos,
+                                   eos_token=eos, model_max_length=16)
 
 
 def _tower_configs(vocab_size: int) -> tuple[dict, dict]:
@@ -96,3 +96,19 @@ def make_pair_set(root: Path, per_kind: int = 6, seed: int = 0, extra_rows=()) -
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def save_tiny_bert(out: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT text encoder with a word-level tokenizer ([CLS] text [SEP]) over the captions' words."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = word_tokenizer("[PAD]", "[UNK]", "[CLS]", "[SEP]", extra=["[MASK]"])
+    tokenizer.cls_token, tokenizer.sep_token, tokenizer.mask_token = "[CLS]", "[SEP]", "[MASK]"
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=32))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
