@@ -66,21 +66,42 @@ class _Contrastive(torch.nn.Module):
         self.rank = rank
         self.world_size = world_size
 
-    def _global(self, image: torch.Tensor, text: torch.Tensor, keys: tuple[torch.Tensor, ...]):
+    def _global(self, image: torch.Tensor, text: torch.Tensor, keys: tuple[torch.Tensor, ...],
+                negatives: Optional[torch.Tensor] = None, negative_keys: Optional[torch.Tensor] = None):
+        """Gathered embeddings, and which (local row, global document) pairs are positive.
+
+        Documents are every process's texts, then every process's hard negatives (if any); a hard
+        negative is positive only when its key equals the row's text key (the last of `keys`)."""
         n_local = image.shape[0]
         all_image = gather(image, self.world_size)
         all_text = gather(text, self.world_size)
         _check_batch(all_text.shape[0])
+        rows = slice(self.rank * n_local, (self.rank + 1) * n_local)
         if keys:
             all_keys = tuple(gather(k, self.world_size, with_grad=False) for k in keys)
-            rows = slice(self.rank * n_local, (self.rank + 1) * n_local)
             pos = positive_mask(tuple(k[rows] for k in all_keys), all_keys)
         else:
             pos = torch.zeros(n_local, all_text.shape[0], dtype=torch.bool, device=image.device)
         # a row's own pair is always positive (also when no keys are given)
         own = torch.arange(n_local, device=image.device) + self.rank * n_local
         pos[torch.arange(n_local, device=image.device), own] = True
-        return all_image, all_text, pos
+        docs, doc_pos = all_text, pos
+        if negatives is not None:
+            all_neg = gather(negatives, self.world_size)
+            neg_pos = torch.zeros(n_local, all_neg.shape[0], dtype=torch.bool, device=image.device)
+            if keys and negative_keys is not None:
+                neg_pos = positive_mask((all_keys[-1][rows],), (gather(negative_keys, self.world_size, with_grad=False),))
+            docs, doc_pos = torch.cat([all_text, all_neg]), torch.cat([pos, neg_pos], dim=1)
+        return all_image, docs, pos, doc_pos
+
+
+def _soft_ce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) with the target spread evenly over each row's positives: cross
+    entropy minus the target's entropy, so the loss is 0 at the optimum also for rows with duplicates
+    (the gradient is soft-target cross entropy's)."""
+    target = pos.float() / pos.sum(dim=1, keepdim=True)
+    entropy = -(target * target.clamp_min(1e-12).log()).sum(dim=1)
+    return (-(target * F.log_softmax(logits, dim=1)).sum(dim=1) - entropy).mean()
 
 
 class ClipLoss(_Contrastive):
@@ -92,27 +113,25 @@ class ClipLoss(_Contrastive):
     """
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                keys: tuple[torch.Tensor, ...] = (), logit_bias: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                keys: tuple[torch.Tensor, ...] = (), logit_bias: Optional[torch.Tensor] = None,
+                negatives: Optional[torch.Tensor] = None, negative_keys: Optional[torch.Tensor] = None,
+                ) -> dict[str, torch.Tensor]:
         """Args:
             image, text: L2-normalized local embeddings [n, d]; row i of each forms a pair.
             logit_scale: log of the inverse temperature (learnable); exp is clamped at 100.
             keys: per-row int64 keys (e.g. image and text hashes) marking duplicate pairs as positives.
             logit_bias: ignored (accepted so both losses share a signature).
+            negatives: hard-negative text embeddings [n, d] (one per row), extra documents for the
+                image (query) -> text direction; `negative_keys` their text keys.
 
         Returns:
             `image_to_text` and `text_to_image` terms (each half the symmetric loss).
         """
-        all_image, all_text, pos = self._global(image, text, keys)
+        all_image, docs, pos, doc_pos = self._global(image, text, keys, negatives, negative_keys)
         scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        target = pos.float() / pos.sum(dim=1, keepdim=True)
-        logits_i2t = scale * image @ all_text.T  # local images vs every text
+        logits_i2t = scale * image @ docs.T  # local images vs every text (and hard negative)
         logits_t2i = scale * text @ all_image.T  # local texts vs every image; the mask is symmetric
-        # KL(target || softmax): cross entropy minus the target's entropy, so the loss is 0 at the
-        # optimum also for rows with duplicates (same gradient as soft-target cross entropy)
-        entropy = -(target * target.clamp_min(1e-12).log()).sum(dim=1)
-        i2t = (-(target * F.log_softmax(logits_i2t, dim=1)).sum(dim=1) - entropy).mean()
-        t2i = (-(target * F.log_softmax(logits_t2i, dim=1)).sum(dim=1) - entropy).mean()
-        return {"image_to_text": 0.5 * i2t, "text_to_image": 0.5 * t2i}
+        return {"image_to_text": 0.5 * _soft_ce(logits_i2t, doc_pos), "text_to_image": 0.5 * _soft_ce(logits_t2i, pos)}
 
 
 class SigLipLoss(_Contrastive):
@@ -125,14 +144,16 @@ class SigLipLoss(_Contrastive):
     """
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                keys: tuple[torch.Tensor, ...] = (), logit_bias: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                keys: tuple[torch.Tensor, ...] = (), logit_bias: Optional[torch.Tensor] = None,
+                negatives: Optional[torch.Tensor] = None, negative_keys: Optional[torch.Tensor] = None,
+                ) -> dict[str, torch.Tensor]:
         """Args as `ClipLoss`; `logit_bias` is the learnable bias (SigLIP initializes it at -10).
 
         Returns:
             the `sigmoid` term.
         """
-        _, all_text, pos = self._global(image, text, keys)
-        logits = logit_scale.exp() * image @ all_text.T
+        _, docs, _, pos = self._global(image, text, keys, negatives, negative_keys)
+        logits = logit_scale.exp() * image @ docs.T
         if logit_bias is not None:
             logits = logits + logit_bias
         labels = 2.0 * pos.float() - 1.0

@@ -67,8 +67,12 @@ def resolve_aligner(spec: ModelSpec, text_model: Optional[ModelSpec] = None) -> 
     """The family name of a model reference (checked without loading weights)."""
     from mmtune.models.dual_encoder import DUAL_ENCODER_FILE
 
+    from mmtune.models.text_encoder import ST_MARKER
+
     if text_model is not None or (Path(spec.name).is_dir() and (Path(spec.name) / DUAL_ENCODER_FILE).is_file()):
         return "dual_encoder"
+    if Path(spec.name).is_dir() and (Path(spec.name) / ST_MARKER).is_file():
+        return "sentence_transformers"
     from transformers import AutoConfig
 
     try:
@@ -193,3 +197,25 @@ def _export_dual(module: nn.Module, extra, out: Path) -> None:
 
 ALIGNERS.register("dual_encoder")(AlignerFamily(
     _build_dual, {"vision": ["image"], "text": ["text"], "projection": None}, "infonce", _export_dual, "dual_encoder"))
+
+
+def _build_sentence(spec: ModelSpec, text_model: Optional[ModelSpec], options: dict):
+    from mmtune.models.text_encoder import build_sentence_encoder
+
+    return build_sentence_encoder(spec, text_model, options)
+
+
+def _export_sentence(module: nn.Module, extra, out: Path) -> None:
+    from mmtune.models.text_encoder import export_sentence_encoder
+
+    export_sentence_encoder(module, extra, out)
+
+
+@DEFAULT_TARGETS.register("text_encoder")
+def text_encoder_targets(candidates: dict[str, nn.Module]) -> list[str]:
+    """Every linear of the encoder except BERT's pooler (sentence-transformers pools tokens itself)."""
+    return [n for n, m in candidates.items() if isinstance(m, nn.Linear) and ".pooler." not in n]
+
+
+ALIGNERS.register("sentence_transformers")(AlignerFamily(
+    _build_sentence, {"text": ["encoder"], "projection": None}, "infonce", _export_sentence, "text_encoder"))

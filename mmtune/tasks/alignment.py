@@ -25,11 +25,14 @@ PARTS_DOC = {"vision": "the image tower", "text": "the text tower",
 
 
 class ImageTextAlignmentTask(L.LightningModule):
-    """Contrastive image-text alignment with in-batch negatives gathered over every process.
+    """Contrastive image-text alignment with in-batch negatives gathered over every process; with a
+    sentence-transformers model and `QueryDocData`, text embedding fine-tuning (query, positive[, hard
+    negative]) with the same losses and Recall@K/MRR query -> document.
 
     Args:
         model: a CLIP or SigLIP model (hub id or local directory), a directory exported from a dual
-            encoder, or the timm image backbone of a new dual encoder (with `text_model`).
+            encoder, the timm image backbone of a new dual encoder (with `text_model`), or a
+            sentence-transformers folder (text embeddings).
         adapter: adapters and per-tower freezing; parts are `vision`, `text` and `projection`
             (projection heads, `logit_scale` and `logit_bias`).
         optimizer: AdamW settings; `part_lrs` may set `vision`, `text`, `projection`.
@@ -141,16 +144,25 @@ class ImageTextAlignmentTask(L.LightningModule):
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net.encode_image(pixels), dim=-1)
 
-    def embed_texts(self, batch: dict) -> torch.Tensor:
-        return F.normalize(self.net.encode_text(batch["input_ids"], batch.get("attention_mask")), dim=-1)
+    def embed_texts(self, batch: dict, prefix: str = "") -> torch.Tensor:
+        return F.normalize(self.net.encode_text(batch[f"{prefix}input_ids"], batch.get(f"{prefix}attention_mask")), dim=-1)
+
+    def embed_queries(self, batch: dict) -> torch.Tensor:
+        """The left side of a pair: images, or queries for text embedding data."""
+        return self.embed_images(batch["pixels"]) if "pixels" in batch else self.embed_texts(batch, "query_")
+
+    @staticmethod
+    def _keys(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return (batch["image_key"] if "image_key" in batch else batch["query_key"]), batch["text_key"]
 
     def loss_terms(self, image: torch.Tensor, text: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         raw = self._raw()
-        return self.criterion(image, text, raw.logit_scale, keys=(batch["image_key"], batch["text_key"]),
-                              logit_bias=raw.logit_bias)
+        negatives = self.embed_texts(batch, "neg_") if "neg_input_ids" in batch else None
+        return self.criterion(image, text, raw.logit_scale, keys=self._keys(batch), logit_bias=raw.logit_bias,
+                              negatives=negatives, negative_keys=batch.get("neg_key"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image, text = self.embed_images(batch["pixels"]), self.embed_texts(batch)
+        image, text = self.embed_queries(batch), self.embed_texts(batch)
         terms = self.loss_terms(image, text, batch)
         loss = sum(terms.values())
         n = len(image)
@@ -161,10 +173,12 @@ class ImageTextAlignmentTask(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        image, text = self.embed_images(batch["pixels"]), self.embed_texts(batch)
+        image, text = self.embed_queries(batch), self.embed_texts(batch)
+        self._text_only = "pixels" not in batch
+        ikey, tkey = self._keys(batch)
         store = self._eval.setdefault(stage, [])
-        store.append((batch["index"].cpu(), image.float().cpu(), text.float().cpu(), batch["image_key"].cpu(),
-                      batch["text_key"].cpu(), list(batch["labels"])))
+        store.append((batch["index"].cpu(), image.float().cpu(), text.float().cpu(), ikey.cpu(), tkey.cpu(),
+                      list(batch["labels"])))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -195,11 +209,12 @@ class ImageTextAlignmentTask(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict:
         data = self._collected(stage)
+        names = ("q2d", "d2q") if getattr(self, "_text_only", False) else ("i2t", "t2i")
         values = pair_retrieval_metrics(data["image"], data["text"], (data["image_key"], data["text_key"]),
-                                        ks=self.hparams.recall_at)
+                                        ks=self.hparams.recall_at, names=names)
         if len(data["labels"]) >= 2:
             values.update(self._full_set_loss(data))
-        if all(data["labels"]) and len(set(data["labels"])) >= 2:
+        if all(data["labels"]) and len(set(data["labels"])) >= 2 and not getattr(self, "_text_only", False):
             values["zero_shot_accuracy"] = self.zero_shot_accuracy(data["image"], data["labels"])
         for name, value in values.items():
             # every process computed the same values from the gathered set: no further reduction
