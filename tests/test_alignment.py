@@ -89,6 +89,24 @@ def test_duplicate_texts_are_positives_not_negatives():
     assert sig_with < 0.01 < sig_without
 
 
+def test_hard_negatives_are_extra_documents_unless_they_repeat_the_positive():
+    query, doc = _unit(4, seed=1)
+    negatives = -doc  # far from every query
+    keys = (torch.arange(4), torch.arange(4))
+    scale = torch.tensor(math.log(20.0))
+    plain = ClipLoss()(query, doc, scale, keys=keys)["image_to_text"]
+    with_far = ClipLoss()(query, doc, scale, keys=keys, negatives=negatives, negative_keys=torch.arange(10, 14))
+    with_close = ClipLoss()(query, doc, scale, keys=keys, negatives=doc.roll(1, 0), negative_keys=torch.arange(10, 14))
+    assert plain < with_far["image_to_text"] < with_close["image_to_text"]  # harder negatives cost more
+    # a "negative" equal to the row's own positive text is a positive (same key), not a false negative
+    same = ClipLoss()(query, doc, scale, keys=keys, negatives=doc, negative_keys=torch.arange(4))
+    ones = torch.ones(4, 8, dtype=torch.bool)
+    target = torch.cat([torch.eye(4, dtype=torch.bool), torch.eye(4, dtype=torch.bool)], dim=1) & ones
+    logits = 20.0 * query @ torch.cat([doc, doc]).T
+    expected = (-(target.float() / 2 * F.log_softmax(logits, 1)).sum(1) - math.log(2)).mean()
+    assert same["image_to_text"].item() == pytest.approx(0.5 * expected.item(), abs=1e-5)
+
+
 def test_a_batch_of_one_is_a_clear_error():
     image, text = _unit(1)
     for loss in (ClipLoss(), SigLipLoss()):
@@ -222,13 +240,14 @@ def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
     # spawn, not fork: a fork after this process ran torch ops can hang in the children's thread pools
     torch.multiprocessing.spawn(ddp_loss_worker.run, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     two = torch.load(out)
-    image, text, keys, proj = global_batch()
+    image, text, keys, proj, negatives, negative_keys = global_batch()
     for name, cls in (("infonce", ClipLoss), ("sigmoid", SigLipLoss)):
         proj1 = proj.clone().requires_grad_(True)
         scale = torch.tensor(math.log(10.0), requires_grad=True)
         bias = torch.tensor(-3.0, requires_grad=True)
         loss = sum(cls()(F.normalize(image @ proj1, dim=-1), F.normalize(text @ proj1, dim=-1), scale, keys=keys,
-                         logit_bias=bias).values())
+                         logit_bias=bias, negatives=F.normalize(negatives @ proj1, dim=-1),
+                         negative_keys=negative_keys).values())
         loss.backward()
         grads = grads_of(proj1, scale, bias)
         assert two[name][0].item() == pytest.approx(loss.item(), abs=1e-5), name

@@ -22,11 +22,14 @@ import torch.nn.functional as F
 
 
 def global_batch():
-    """Eight pairs with duplicate captions across the two processes' halves, and a projection."""
+    """Eight pairs with duplicate captions across the two processes' halves, a projection, and hard
+    negatives (one of them repeats a row's own caption, so it counts as a positive)."""
     g = torch.Generator().manual_seed(5)
     image, text = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
     keys = (torch.arange(8), torch.tensor([0, 1, 2, 3, 0, 5, 6, 3]))
-    return image, text, keys, torch.randn(6, 4, generator=g)
+    negatives, negative_keys = text.roll(1, 0).clone(), torch.arange(20, 28)
+    negatives[2], negative_keys[2] = text[2], 2
+    return image, text, keys, torch.randn(6, 4, generator=g), negatives, negative_keys
 
 
 def grads_of(*tensors: torch.Tensor) -> torch.Tensor:
@@ -41,7 +44,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     try:
         results = {}
         for name, cls in (("infonce", ClipLoss), ("sigmoid", SigLipLoss)):
-            image, text, keys, proj = global_batch()
+            image, text, keys, proj, negatives, negative_keys = global_batch()
             n = image.shape[0] // world
             rows = slice(rank * n, (rank + 1) * n)
             proj = proj.clone().requires_grad_(True)
@@ -49,7 +52,9 @@ def run(rank: int, world: int, port: int, out: str) -> None:
             bias = torch.tensor(-3.0, requires_grad=True)
             loss = sum(cls(rank=rank, world_size=world)(F.normalize(image[rows] @ proj, dim=-1),
                                                          F.normalize(text[rows] @ proj, dim=-1), scale,
-                                                         keys=tuple(k[rows] for k in keys), logit_bias=bias).values())
+                                                         keys=tuple(k[rows] for k in keys), logit_bias=bias,
+                                                         negatives=F.normalize(negatives[rows] @ proj, dim=-1),
+                                                         negative_keys=negative_keys[rows]).values())
             loss.backward()
             grads = grads_of(proj, scale, bias)
             total = loss.detach().clone()
