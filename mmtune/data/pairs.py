@@ -1,0 +1,291 @@
+"""Image-text pairs from a CSV/JSONL manifest: checked, split by group, tokenized in the collate.
+
+Every row is checked before training: an empty text or a missing/unreadable image either stops the run
+(`bad_pairs: error`, listing file and row) or drops the row (`bad_pairs: skip`, listed with reasons in
+`skipped_pairs.csv` in the run directory): the aligner's drop-or-stop policy.
+
+Rows get integer keys for their image (resolved path) and normalized text, so losses and metrics
+treat identical captions or images in a batch as positives, not as negatives.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmtune.data.images import find_unreadable, load_image
+from mmtune.data.readers import _rows
+from mmtune.data.samplers import EpochSampler
+from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
+from mmtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageText:
+    """One image with its text.
+
+    Attributes:
+        path: absolute image path.
+        text: the caption or report.
+        group: group key (patient, study) that must not cross splits.
+        split: split named by the source, if any.
+        label: class name, for zero-shot evaluation (optional).
+        origin: where it came from (`pairs.csv row 12`).
+    """
+
+    path: str
+    text: str
+    group: Optional[str] = None
+    split: Optional[str] = None
+    label: Optional[str] = None
+    origin: str = ""
+
+
+def stable_key(value: str) -> int:
+    """A 63-bit integer hash that is the same in every process (Python's `hash` is salted)."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def normalize_text(text: str) -> str:
+    """Texts equal up to case and whitespace count as duplicates."""
+    return " ".join(text.lower().split())
+
+
+def read_pairs(source: str, image_column: str = "image", text_column: str = "text", split_column: str = "split",
+               group_column: Optional[str] = None, label_column: Optional[str] = None) -> tuple[list[ImageText], dict[str, str]]:
+    """Reads a manifest (paths relative to it) into pairs, plus {origin: reason} for bad rows.
+
+    Raises:
+        DataError: the manifest is missing or has no rows, a row lacks the image column, or a split is unknown.
+    """
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"pair manifest not found: {path}")
+    where = "row" if path.suffix.lower() in (".csv", ".tsv") else "line"
+    pairs, bad = [], {}
+    for line, row in _rows(path):
+        origin = f"{path} {where} {line}"
+        if not isinstance(row, dict) or image_column not in row:
+            raise DataError(f"{origin}: no {image_column!r} column (columns: {list(row) if isinstance(row, dict) else row})")
+        if text_column not in row:
+            raise DataError(f"{origin}: no {text_column!r} column (columns: {list(row)})")
+        image = Path(str(row[image_column] or "")).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        text = str(row[text_column] or "").strip()
+        split = row.get(split_column)
+        if split not in (None, ""):
+            if str(split).lower() not in SPLIT_ALIASES:
+                raise DataError(f"{origin}: unknown split {split!r} (use train, val or test)")
+            split = SPLIT_ALIASES[str(split).lower()]
+        else:
+            split = None
+        group = None
+        if group_column:
+            if group_column not in row:
+                raise DataError(f"{origin}: no group column {group_column!r} (columns: {list(row)})")
+            group = str(row[group_column])
+        label = (str(row.get(label_column) or "").strip() or None) if label_column else None
+        pair = ImageText(str(image), text, group, split, label, origin)
+        if not text:
+            bad[origin] = "empty text"
+        elif not row[image_column] or not image.is_file():
+            bad[origin] = f"image not found: {image}"
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(f"no rows in {path}")
+    return pairs, bad
+
+
+class PairDataset(Dataset):
+    """Pairs -> {"pixels", "text", "image_key", "text_key", "index"[, "label"]}; texts are tokenized
+    per batch in the collate (padding to the longest text of the batch)."""
+
+    def __init__(self, pairs: list[ImageText], transform, channels: int = 3) -> None:
+        self.pairs, self.transform, self.channels = pairs, transform, channels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key) -> dict:
+        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) from EpochSampler
+        p = self.pairs[i]
+        return {"pixels": self.transform(load_image(p.path, self.channels)), "text": p.text, "index": i,
+                "image_key": stable_key(str(Path(p.path).resolve())), "text_key": stable_key(normalize_text(p.text)),
+                "label": p.label}
+
+
+class PairCollate:
+    """Stacks images and tokenizes texts with the model's tokenizer."""
+
+    def __init__(self, tokenize) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {"pixels": torch.stack([it["pixels"] for it in items]),
+                 "index": torch.tensor([it["index"] for it in items]),
+                 "image_key": torch.tensor([it["image_key"] for it in items], dtype=torch.long),
+                 "text_key": torch.tensor([it["text_key"] for it in items], dtype=torch.long),
+                 "labels": [it["label"] for it in items]}
+        batch.update(self.tokenize([it["text"] for it in items]))
+        return batch
+
+
+class ImageTextPairData(L.LightningDataModule):
+    """Image-text pairs for contrastive alignment (CLIP, SigLIP, dual encoders).
+
+    The task connects itself in its `setup` (`connect(preprocess)`), giving the model's image
+    transform and tokenizer, so the YAML names the model once.
+
+    Args:
+        path: a manifest (`.csv/.tsv/.jsonl/.json`) with an image path (relative to the manifest) and a
+            text per row, optionally a split, a group and a label.
+        val_path: a separate validation manifest (otherwise split from `path`).
+        test_path: a separate test manifest (otherwise split from `path`).
+        split: train/val/test shares for rows without a split.
+        seed: split and shuffle seed.
+        image_column: manifest column with the image path.
+        text_column: manifest column with the caption or report.
+        split_column: manifest column with train/val/test, when present.
+        group_column: column whose groups (patient, study) never cross splits.
+        label_column: column with a class name per row, for zero-shot accuracy.
+        bad_pairs: `error` stops at setup listing every pair with an empty text or a missing or
+            unreadable image; `skip` drops them and lists them in `skipped_pairs.csv`.
+        verify_images: decode every image at setup (finds corrupt files before training).
+        batch_size: training pairs per device (the loss sees batch_size * devices pairs).
+        eval_batch_size: evaluation chunk size (default: `batch_size`).
+        num_workers: data loading processes.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        val_path: Optional[str] = None,
+        test_path: Optional[str] = None,
+        split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        seed: int = 42,
+        image_column: str = "image",
+        text_column: str = "text",
+        split_column: str = "split",
+        group_column: Optional[str] = None,
+        label_column: Optional[str] = None,
+        bad_pairs: Literal["error", "skip"] = "error",
+        verify_images: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.path, self.val_path, self.test_path = path, val_path, test_path
+        self.split_ratios = tuple(split)
+        self.seed = seed
+        self.columns = dict(image_column=image_column, text_column=text_column, split_column=split_column,
+                            group_column=group_column, label_column=label_column)
+        self.bad_pairs = bad_pairs
+        self.verify_images = verify_images
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, list[ImageText]] = {}
+        self.skipped: dict[str, str] = {}
+        self.preprocess = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if not self.splits:
+            self._read()
+        self._write_skipped()
+
+    def _read(self) -> None:
+        if not self.path:
+            raise DataError("data.path is not set: name a manifest of image-text pairs")
+        pairs, bad = read_pairs(self.path, **self.columns)
+        extra = {}
+        for name, src in (("val", self.val_path), ("test", self.test_path)):
+            if src:
+                rows, more = read_pairs(src, **self.columns)
+                for p in rows:
+                    p.split = name
+                extra[name], bad = rows, {**bad, **more}
+        with_split = [p for p in pairs if p.split]
+        if with_split and len(with_split) != len(pairs):
+            lacking = next(p for p in pairs if not p.split)
+            raise DataError(f"some rows name a split and some do not (e.g. {lacking.origin}); give every row a split or none")
+        if not with_split:
+            ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
+            groups = [p.group for p in pairs] if self.columns["group_column"] else None
+            for p, name in zip(pairs, assign_splits(len(pairs), ratios, self.seed, groups)):
+                p.split = name
+        pairs = [p for p in pairs if p.split not in extra] + [p for rows in extra.values() for p in rows]
+        if self.verify_images:
+            unreadable = find_unreadable([p.path for p in pairs if p.origin not in bad], workers=max(2, self.num_workers))
+            bad.update({p.origin: unreadable[p.path] for p in pairs if p.path in unreadable and p.origin not in bad})
+        if bad and self.bad_pairs == "error":
+            shown = "; ".join(f"{origin}: {reason}" for origin, reason in list(bad.items())[:10])
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            raise DataError(f"{len(bad)} bad pair(s) (set data.bad_pairs: skip to drop them): {shown}{more}")
+        if bad:
+            log.warning("skipping %d bad pair(s); see skipped_pairs.csv in the run directory", len(bad))
+            self.skipped = dict(bad)
+        pairs = [p for p in pairs if p.origin not in bad]
+        self.splits = {name: [p for p in pairs if p.split == name] for name in SPLIT_NAMES}
+        if len(self.splits["train"]) < 2:
+            raise DataError(f"the train split of {self.path} has {len(self.splits['train'])} pair(s); "
+                            "contrastive training needs at least 2")
+
+    def _write_skipped(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not self.skipped or not trainer.is_global_zero or not log_dir:
+            return
+        out = Path(log_dir) / "skipped_pairs.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["row", "reason"])
+            writer.writerows(self.skipped.items())
+
+    def connect(self, preprocess) -> None:
+        """Takes the model's image transform and tokenizer (`mmtune.models.aligners.Preprocess`)."""
+        self.preprocess = preprocess
+
+    @property
+    def labels(self) -> list[str]:
+        """Sorted class names found in the label column (zero-shot classes), over all splits."""
+        return sorted({p.label for rows in self.splits.values() for p in rows if p.label})
+
+    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
+        if self.preprocess is None:
+            raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
+        pairs = self.splits.get(split) or []
+        if not pairs:
+            raise DataError(f"the {split} split is empty (source: {self.path}); add pairs or adjust data.split")
+        dataset = PairDataset(pairs, self.preprocess.image, self.preprocess.channels)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=PairCollate(self.preprocess.text),
+                          pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        n = len(self.splits.get("train") or [])
+        sampler = EpochSampler(n, self.seed, None, world, rank)
+        # a ragged last batch could hold a single pair (no negatives): drop it when there is more than one batch
+        return self._loader("train", self.batch_size, sampler=sampler, drop_last=n // world > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)

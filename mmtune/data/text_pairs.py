@@ -1,0 +1,204 @@
+"""(query, positive[, hard negative]) text pairs for embedding fine-tuning with in-batch negatives.
+
+Same drop-or-stop policy as image-text pairs: a row with an empty query or positive stops the run
+(`bad_pairs: error`, naming file and row) or is dropped (`skip`). Rows get keys of their normalized
+query and positive so duplicates in a batch count as positives, not negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmtune.data.pairs import normalize_text, stable_key
+from mmtune.data.readers import _rows
+from mmtune.data.samplers import EpochSampler
+from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
+from mmtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueryDoc:
+    """A query, its relevant document, and optionally a hard negative document."""
+
+    query: str
+    positive: str
+    negative: Optional[str] = None
+    group: Optional[str] = None
+    split: Optional[str] = None
+    origin: str = ""
+
+
+def read_query_docs(source: str, query_column: str, positive_column: str, negative_column: Optional[str],
+                    split_column: str, group_column: Optional[str]) -> tuple[list[QueryDoc], dict[str, str]]:
+    """Rows of a CSV/JSONL manifest as `QueryDoc`s, plus {origin: reason} for rows missing text."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"query-document manifest not found: {path}")
+    where = "row" if path.suffix.lower() in (".csv", ".tsv") else "line"
+    rows, bad = [], {}
+    for line, row in _rows(path):
+        origin = f"{path} {where} {line}"
+        for col in (query_column, positive_column):
+            if not isinstance(row, dict) or col not in row:
+                raise DataError(f"{origin}: no {col!r} column (columns: {list(row) if isinstance(row, dict) else row})")
+        split = row.get(split_column)
+        if split not in (None, ""):
+            if str(split).lower() not in SPLIT_ALIASES:
+                raise DataError(f"{origin}: unknown split {split!r} (use train, val or test)")
+            split = SPLIT_ALIASES[str(split).lower()]
+        else:
+            split = None
+        query, positive = str(row[query_column] or "").strip(), str(row[positive_column] or "").strip()
+        negative = (str(row.get(negative_column) or "").strip() or None) if negative_column else None
+        group = str(row.get(group_column)) if group_column else None
+        if not query or not positive:
+            bad[origin] = "empty query" if not query else "empty positive"
+        rows.append(QueryDoc(query, positive, negative, group, split, origin))
+    if not rows:
+        raise DataError(f"no rows in {path}")
+    return rows, bad
+
+
+class QueryDocDataset(Dataset):
+    def __init__(self, rows: list[QueryDoc]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> QueryDoc:
+        return self.rows[key[1] if isinstance(key, tuple) else key], (key[1] if isinstance(key, tuple) else key)
+
+
+class QueryDocCollate:
+    """Tokenizes queries (`query_*`), positives (`input_ids`, `attention_mask`) and negatives (`neg_*`)."""
+
+    def __init__(self, tokenize, with_negatives: bool) -> None:
+        self.tokenize, self.with_negatives = tokenize, with_negatives
+
+    def __call__(self, items) -> dict:
+        rows = [r for r, _ in items]
+        batch = {"index": torch.tensor([i for _, i in items]),
+                 "query_key": torch.tensor([stable_key(normalize_text(r.query)) for r in rows], dtype=torch.long),
+                 "text_key": torch.tensor([stable_key(normalize_text(r.positive)) for r in rows], dtype=torch.long),
+                 "labels": [None] * len(rows)}
+        batch.update(self.tokenize([r.positive for r in rows]))
+        batch.update({f"query_{k}": v for k, v in self.tokenize([r.query for r in rows]).items()})
+        if self.with_negatives:
+            batch.update({f"neg_{k}": v for k, v in self.tokenize([r.negative for r in rows]).items()})
+            batch["neg_key"] = torch.tensor([stable_key(normalize_text(r.negative)) for r in rows], dtype=torch.long)
+        return batch
+
+
+class QueryDocData(L.LightningDataModule):
+    """Query-document pairs (with optional hard negatives) for text embedding fine-tuning.
+
+    Args:
+        path: a manifest (`.csv/.tsv/.jsonl/.json`) with a query and a positive per row.
+        val_path: a separate validation manifest (otherwise split from `path`).
+        test_path: a separate test manifest.
+        split: train/val/test shares for rows without a split (whole groups go to one split).
+        seed: split and shuffle seed.
+        query_column: column with the query.
+        positive_column: column with the relevant document.
+        negative_column: column with a hard negative document (every training row needs one).
+        split_column: column with train/val/test, when present.
+        group_column: column whose groups never cross splits (e.g. the document id, so held-out
+            queries are about held-out documents).
+        bad_pairs: `error` stops on rows with an empty query or positive; `skip` drops them.
+        batch_size: training pairs per device; every other pair's document is a negative.
+        eval_batch_size: evaluation chunk size.
+        num_workers: data loading processes.
+    """
+
+    def __init__(self, path: Optional[str] = None, val_path: Optional[str] = None, test_path: Optional[str] = None,
+                 split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 42, query_column: str = "query",
+                 positive_column: str = "positive", negative_column: Optional[str] = None,
+                 split_column: str = "split", group_column: Optional[str] = None,
+                 bad_pairs: Literal["error", "skip"] = "error", batch_size: int = 32,
+                 eval_batch_size: Optional[int] = None, num_workers: int = 0) -> None:
+        super().__init__()
+        self.path, self.val_path, self.test_path = path, val_path, test_path
+        self.split_ratios, self.seed = tuple(split), seed
+        self.columns = dict(query_column=query_column, positive_column=positive_column,
+                            negative_column=negative_column, split_column=split_column, group_column=group_column)
+        self.bad_pairs = bad_pairs
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, list[QueryDoc]] = {}
+        self.skipped: dict[str, str] = {}
+        self.preprocess = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        if not self.path:
+            raise DataError("data.path is not set: name a manifest of query-document pairs")
+        rows, bad = read_query_docs(self.path, **self.columns)
+        extra = {}
+        for name, src in (("val", self.val_path), ("test", self.test_path)):
+            if src:
+                more, more_bad = read_query_docs(src, **self.columns)
+                for r in more:
+                    r.split = name
+                extra[name], bad = more, {**bad, **more_bad}
+        if not all(r.split for r in rows):
+            if any(r.split for r in rows):
+                raise DataError(f"some rows of {self.path} name a split and some do not; give every row a split or none")
+            ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
+            groups = [r.group for r in rows] if self.columns["group_column"] else None
+            for r, name in zip(rows, assign_splits(len(rows), ratios, self.seed, groups)):
+                r.split = name
+        rows = [r for r in rows if r.split not in extra] + [r for more in extra.values() for r in more]
+        if bad and self.bad_pairs == "error":
+            shown = "; ".join(f"{o}: {why}" for o, why in list(bad.items())[:10])
+            raise DataError(f"{len(bad)} bad pair(s) (set data.bad_pairs: skip to drop them): {shown}")
+        if bad:
+            log.warning("skipping %d bad pair(s)", len(bad))
+            self.skipped = dict(bad)
+        rows = [r for r in rows if r.origin not in bad]
+        self.splits = {name: [r for r in rows if r.split == name] for name in SPLIT_NAMES}
+        if len(self.splits["train"]) < 2:
+            raise DataError(f"the train split of {self.path} has {len(self.splits['train'])} pair(s); "
+                            "in-batch negatives need at least 2")
+        if self.columns["negative_column"]:
+            missing = [r.origin for r in self.splits["train"] if not r.negative]
+            if missing:
+                raise DataError(f"{len(missing)} training row(s) lack a hard negative "
+                                f"({self.columns['negative_column']!r}), e.g. {missing[0]}")
+
+    def connect(self, preprocess) -> None:
+        """Takes the model's tokenizer (`Preprocess.text`)."""
+        self.preprocess = preprocess
+
+    def _loader(self, split: str, batch_size: int, negatives: bool, **kwargs) -> DataLoader:
+        if self.preprocess is None:
+            raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
+        rows = self.splits.get(split) or []
+        if not rows:
+            raise DataError(f"the {split} split is empty (source: {self.path}); add pairs or adjust data.split")
+        return DataLoader(QueryDocDataset(rows), batch_size=batch_size, num_workers=self.num_workers,
+                          collate_fn=QueryDocCollate(self.preprocess.text, negatives), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        n = len(self.splits["train"])
+        return self._loader("train", self.batch_size, bool(self.columns["negative_column"]),
+                            sampler=EpochSampler(n, self.seed, None, world, rank), drop_last=n // world > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)

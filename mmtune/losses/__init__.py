@@ -1,0 +1,1 @@
+"""Losses that return named terms; the task sums them and logs each (open_clip's style)."""
