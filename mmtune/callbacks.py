@@ -24,7 +24,8 @@ class StepSeed(Callback):
     """
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        seed_everything_from(int(os.environ.get("PL_GLOBAL_SEED", "0")), trainer.global_step, trainer.global_rank)
+        seed_everything_from(int(os.environ.get("PL_GLOBAL_SEED", "0")), trainer.global_step, trainer.global_rank,
+                             accelerators=True)
 
 
 def _scalar(value: Any) -> Optional[float]:
