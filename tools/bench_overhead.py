@@ -14,7 +14,17 @@ For every model and adapter setting (`lora`, `full`) two runners train the same 
 Each (model, adapter, runner) runs in its own subprocess, so peak memory is per configuration
 (`ru_maxrss` on CPU, `torch.cuda.max_memory_allocated` on CUDA), with the same torch thread count.
 Only the training steps after `--warmup` are timed (startup, model build and the first steps
-excluded). Repeats are interleaved (runner order alternates) and the medians are reported.
+excluded): images/s = timed images / wall time of the timed steps. Repeats are interleaved (runner
+order alternates) and the medians are reported; the ratio is the median of the per-repeat ratios.
+
+Other processes distort CPU timings badly (with every core used by torch threads, a second busy
+process can make steps 10-100x slower), so before each run the script waits (up to `--max-wait` s)
+for the machine to go quiet, measures the CPU used by other processes during the timed window
+(from /proc/stat), and reruns a disturbed configuration (`--retries`); rows still disturbed are
+marked. `mmtune/plain by CPU time` compares CPU time per step of the process and its loader
+workers instead of wall time: steadier under load with `--threads 1`. `RSS growth` is peak RSS
+minus the RSS before the model was built (model, optimizer state, activations; not the ~0.9 GB of
+imported libraries).
 
 The data is synthetic and written offline (`tools/make_defect_data.py`); models come from timm with
 random weights, so nothing is downloaded.
@@ -293,6 +303,7 @@ def worker(cfg: dict) -> None:
 
     torch.set_num_threads(cfg["threads"])
     import lightning as L
+    import peft  # noqa: F401  (imported by LoRA runs only otherwise: keeps its ~50 MB of modules out of the LoRA/full memory comparison)
 
     L.seed_everything(cfg["seed"], verbose=False)
     if cfg["device"] == "cuda":
@@ -340,7 +351,7 @@ def run_one(cfg: dict, args) -> dict:
             best = dict(res, attempts=attempt + 1)
         if foreign is None or foreign <= args.max_foreign:
             break
-        if not args.quiet:
+        if not args.quiet and attempt < args.retries:
             print(f"    (other processes were busy: rerunning, attempt {attempt + 2} of {args.retries + 1})", flush=True)
     return best
 
@@ -441,16 +452,16 @@ def main(argv=None) -> int:
     if not 0 <= args.warmup < args.steps:
         parser.error("need 0 <= --warmup < --steps")
 
-    import lightning
-    import peft
-    import timm
+    from importlib.metadata import version
+
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU")
     hw = torch.cuda.get_device_name(0) if device == "cuda" else f"{os.cpu_count()} CPU cores, {args.threads} torch threads"
-    versions = f"torch {torch.__version__}, timm {timm.__version__}, lightning {lightning.__version__}, peft {peft.__version__}"
+    versions = (f"torch {torch.__version__}, timm {version('timm')}, lightning {version('lightning')}, "
+                f"peft {version('peft')}")
     load_start = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mmtune-bench-") as tmp:
