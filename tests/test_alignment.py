@@ -281,7 +281,7 @@ def test_timm_bert_dual_encoder_zero_shot_and_export(tmp_path, tiny_models, pair
     L.seed_everything(0)
     task, data = task_and_data()
     before = trainer(1).test(task, datamodule=data, verbose=False)[0]
-    trainer(10).fit(task, datamodule=data)
+    trainer(30).fit(task, datamodule=data)  # enough that the gain is not a rounding of 4-class accuracy
     after = trainer(1).test(task, datamodule=data, verbose=False)[0]
     assert task.family_name == "dual_encoder"
     assert all(n.startswith("text.") for n in task.adapter_report.adapted)  # vision trains fully here

@@ -254,13 +254,10 @@ class ImageClassificationTask(L.LightningModule):
         return common.standard_callbacks(self.monitor_spec)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        common.record_task(self, checkpoint)
-        if self._trainable_only():
-            common.keep_trainable_weights(self, checkpoint)
+        common.on_save_checkpoint(self, checkpoint, self._trainable_only())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        common.check_checkpoint_fits(self, checkpoint)
-        common.complete_trainable_checkpoint(self, checkpoint)
+        common.on_load_checkpoint(self, checkpoint)
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:

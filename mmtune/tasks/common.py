@@ -50,7 +50,22 @@ class LastCheckpoint(ModelCheckpoint):
         return "LastCheckpoint"
 
 
-def record_task(module: L.LightningModule, checkpoint: dict) -> None:
+def on_save_checkpoint(module: L.LightningModule, checkpoint: dict, trainable_only: bool) -> None:
+    """What every task does when Lightning saves: name the task class (so `mmtune export` needs only the
+    file) and, for adapter runs on a reloadable base, keep only the weights training changes."""
+    _record_task(module, checkpoint)
+    if trainable_only:
+        _keep_trainable_weights(module, checkpoint)
+
+
+def on_load_checkpoint(module: nn.Module, checkpoint: dict) -> None:
+    """What every task does when Lightning loads: refuse weights of another model by name, and fill a
+    trainable-only checkpoint with the base weights so it loads strictly."""
+    _check_checkpoint_fits(module, checkpoint)
+    _complete_trainable_checkpoint(module, checkpoint)
+
+
+def _record_task(module: L.LightningModule, checkpoint: dict) -> None:
     """Stores the task class in the checkpoint, so `mmtune export` needs only the checkpoint."""
     checkpoint["mmtune_task"] = f"{type(module).__module__}:{type(module).__qualname__}"
 
@@ -73,14 +88,14 @@ def load_task(path: str) -> L.LightningModule:
     return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
 
 
-def keep_trainable_weights(module: nn.Module, checkpoint: dict) -> None:
+def _keep_trainable_weights(module: nn.Module, checkpoint: dict) -> None:
     """Drops frozen base weights from a checkpoint: they reload from the base model, and adapter
     checkpoints stay small."""
     checkpoint["state_dict"] = trainable_state_dict(module, checkpoint["state_dict"])
     checkpoint["mmtune_weights"] = TRAINABLE_ONLY
 
 
-def check_checkpoint_fits(module: nn.Module, checkpoint: dict) -> None:
+def _check_checkpoint_fits(module: nn.Module, checkpoint: dict) -> None:
     """Raises a clear error when a checkpoint belongs to another architecture or head size.
 
     Every saved tensor must exist in the model with the same shape; a trainable-only checkpoint must
@@ -108,7 +123,7 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict) -> None:
                          + "; ".join(detail))
 
 
-def complete_trainable_checkpoint(module: nn.Module, checkpoint: dict) -> None:
+def _complete_trainable_checkpoint(module: nn.Module, checkpoint: dict) -> None:
     """Fills a trainable-only checkpoint (already checked to fit) with the model's own frozen base
     weights, so it loads strictly like a full one."""
     if checkpoint.get("mmtune_weights") == TRAINABLE_ONLY:
