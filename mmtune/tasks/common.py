@@ -25,17 +25,19 @@ log = logging.getLogger("mmtune")
 TRAINABLE_ONLY = "trainable"
 
 
-def standard_callbacks(monitor: MonitorSpec) -> list[Callback]:
+def standard_callbacks(monitor: MonitorSpec, trainer: Optional[L.Trainer] = None) -> list[Callback]:
     """Best/last checkpoints and early stopping from the monitor spec, plus seeding and metrics.json.
 
     `last.ckpt` has its own callback: since Lightning 2.6 a `save_last=True` checkpoint is only
     rewritten when the top-k one is, so it would go stale whenever the metric stops improving.
     """
     callbacks: list[Callback] = [StepSeed(), RunSummary()]
-    if monitor.save_best:
+    # Trainer(enable_checkpointing=False) leaves no ModelCheckpoint: honour it instead of adding ours.
+    checkpointing = trainer is None or bool(trainer.checkpoint_callbacks)
+    if monitor.save_best and checkpointing:
         callbacks.append(ModelCheckpoint(monitor=monitor.metric, mode=monitor.mode, save_top_k=1, filename="best",
                                          auto_insert_metric_name=False, enable_version_counter=False))
-    if monitor.save_last:
+    if monitor.save_last and checkpointing:
         callbacks.append(LastCheckpoint(monitor=None, save_top_k=1, filename="last", enable_version_counter=False))
     if monitor.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience))

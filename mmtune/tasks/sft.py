@@ -281,7 +281,7 @@ class CausalLMTask(L.LightningModule):
                                           part_of=part_of, part_names=PARTS_DOC)
 
     def configure_callbacks(self) -> list:
-        return common.standard_callbacks(self.monitor_spec)
+        return common.standard_callbacks(self.monitor_spec, self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         common.on_save_checkpoint(self, checkpoint, self._trainable_only())
