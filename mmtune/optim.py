@@ -37,9 +37,11 @@ def param_groups(
         part_names: the model's part names, to reject typos in `spec.part_lrs`.
         no_decay: parameter names (or prefixes) never decayed, e.g. position embeddings.
     """
-    unknown = sorted(set(spec.part_lrs) - set(part_names))
+    part_lrs = spec.all_part_lrs()
+    unknown = sorted(set(part_lrs) - set(part_names))
     if unknown:
-        raise ConfigError(f"optimizer.part_lrs names unknown part(s) {unknown}; parts are {sorted(part_names)}")
+        raise ConfigError(f"optimizer.part_lrs (or vision_lr/projector_lr) names unknown part(s) {unknown}; "
+                          f"this model's parts are {sorted(part_names)}")
     if spec.layer_decay is not None and not layer_ids:
         raise ConfigError("optimizer.layer_decay is set but this model has no block structure to decay over")
     top = max(layer_ids.values()) if layer_ids else 0
@@ -49,8 +51,8 @@ def param_groups(
         if not param.requires_grad:
             continue
         lr = spec.lr
-        if spec.part_lrs and part_of is not None:
-            lr = spec.part_lrs.get(part_of(name), lr)
+        if part_lrs and part_of is not None:
+            lr = part_lrs.get(part_of(name), lr)
         if spec.layer_decay is not None:
             lr *= spec.layer_decay ** (top - layer_ids.get(name, top))
         decays = param.ndim > 1 and not name.endswith(".bias") and not any(

@@ -91,6 +91,8 @@ class OptimizerSpec:
             block i of n gets `lr * layer_decay ** (n - i)`; the head keeps `lr`.
         part_lrs: learning rates for named parts that override `lr` (e.g. `{head: 1e-2}`;
             vision-language tasks add `vision`, `projector`, `language`).
+        vision_lr: shorthand for `part_lrs: {vision: ...}` (vision-language and alignment tasks).
+        projector_lr: shorthand for `part_lrs: {projector: ...}` (vision-language tasks).
     """
 
     lr: float = 1e-3
@@ -102,6 +104,18 @@ class OptimizerSpec:
     min_lr_ratio: float = 0.0
     layer_decay: Optional[float] = None
     part_lrs: dict[str, float] = field(default_factory=dict)
+    vision_lr: Optional[float] = None
+    projector_lr: Optional[float] = None
+
+    def all_part_lrs(self) -> dict[str, float]:
+        """`part_lrs` with the `vision_lr`/`projector_lr` shorthands folded in."""
+        out = dict(self.part_lrs)
+        for part, value in (("vision", self.vision_lr), ("projector", self.projector_lr)):
+            if value is not None:
+                if part in out and out[part] != value:
+                    raise ConfigError(f"optimizer.{part}_lr ({value}) contradicts optimizer.part_lrs.{part} ({out[part]})")
+                out[part] = value
+        return out
 
 
 @dataclass

@@ -54,6 +54,11 @@ def _part_of(name: str, parts: dict[str, Optional[list[str]]]) -> str:
     return rest
 
 
+def part_lookup(parts: dict[str, Optional[list[str]]]) -> Callable[[str], str]:
+    """`name -> part` for parameter or module names, e.g. for per-part learning rates."""
+    return lambda name: _part_of(name, parts)
+
+
 def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     extra: tuple = ()
     try:

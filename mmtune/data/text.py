@@ -251,15 +251,21 @@ def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int,
     """The rendered conversation and the character spans of the assistant replies (with the template's
     end-of-turn text), found by rendering each prefix: works with any template that renders a
     conversation's prefix as a prefix of the whole."""
-    full = _render(tokenizer, conv.messages)
+    return rendered_spans(lambda messages, **kw: _render(tokenizer, messages, **kw), conv.messages, conv.origin)
+
+
+def rendered_spans(render, messages: list[dict], origin: str) -> tuple[str, list[tuple[int, int]]]:
+    """`assistant_spans` for any renderer `render(messages, add_generation_prompt=...) -> str` (a
+    tokenizer's or a multimodal processor's chat template)."""
+    full = render(messages)
     spans = []
-    for k, message in enumerate(conv.messages):
+    for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, conv.messages[:k], add_generation_prompt=True) if k else ""
-        upto = _render(tokenizer, conv.messages[:k + 1])
+        before = render(messages[:k], add_generation_prompt=True) if k else ""
+        upto = render(messages[:k + 1])
         if not (full.startswith(before) and full.startswith(upto)) or len(upto) < len(before):
-            raise DataError(f"{conv.origin}: the chat template does not render conversation prefixes as prefixes of "
+            raise DataError(f"{origin}: the chat template does not render conversation prefixes as prefixes of "
                             "the whole, so the assistant tokens cannot be located; use a template with "
                             "{% generation %} markers (data.chat_template) or assistant_only_loss: false")
         spans.append((len(before), len(upto)))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
+from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
 from mmtune.errors import ConfigError
 from mmtune.losses.contrastive import LOSSES
 from mmtune.metrics.retrieval import pair_retrieval_metrics
@@ -240,14 +240,7 @@ class ImageTextAlignmentTask(L.LightningModule):
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        parts = self.family.parts
-
-        def part_of(name: str) -> str:
-            for part, prefixes in parts.items():
-                if prefixes and any(name == p or name.startswith(p + ".") for p in prefixes):
-                    return part
-            return next(p for p, prefixes in parts.items() if prefixes is None)
-
+        part_of = part_lookup(self.family.parts)
         no_decay = [n for n, _ in self._raw().named_parameters() if n.split(".")[-1] in ("logit_scale", "logit_bias")]
         return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
                                           part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay)

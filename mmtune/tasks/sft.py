@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
+from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
 from mmtune.data.text import IGNORE, Conversation, PromptCollator, prompt_conversation
 from mmtune.errors import ConfigError
 from mmtune.models.hf import decoder_layers, lm_parts, load_causal_lm, load_tokenizer, resolve_hf_ref, stop_token_ids
@@ -269,16 +269,8 @@ class CausalLMTask(L.LightningModule):
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        parts = lm_parts(self._raw())
-
-        def part_of(name: str) -> str:
-            for part, prefixes in parts.items():
-                if prefixes and any(name == p or name.startswith(p + ".") for p in prefixes):
-                    return part
-            return "language"
-
         return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
-                                          part_of=part_of, part_names=PARTS_DOC)
+                                          part_of=part_lookup(lm_parts(self._raw())), part_names=PARTS_DOC)
 
     def configure_callbacks(self) -> list:
         return common.standard_callbacks(self.monitor_spec, self.trainer)

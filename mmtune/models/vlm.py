@@ -1,0 +1,167 @@
+"""Vision-language models (BLIP, VisionEncoderDecoder, LLaVA, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL,
+PaliGemma, ...) and their processors, through transformers' Auto classes.
+
+Every model goes through `AutoModelForImageTextToText` and `AutoProcessor`; nothing is chosen from
+a model's name. The parts (vision tower, projector, language model, embeddings, head) are found by
+the submodule names transformers uses across families, so per-part freezing, adapters and learning
+rates work for any model that follows them, and a model that does not gets a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from mmtune.errors import ConfigError, ModelError
+from mmtune.models.hf import _dtype, _offline_error, quantization_config, resolve_hf_ref
+from mmtune.specs import ModelSpec
+
+# Submodule names transformers uses for each part, most specific first. The projector is looked up
+# before the vision tower because some families nest it inside the tower (Qwen2-VL's `visual.merger`).
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector", "enc_to_dec_proj")
+VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "encoder")
+LANGUAGE_NAMES = ("language_model", "text_decoder", "text_model", "decoder")
+PARTS_DOC = {"vision": "the vision tower (image encoder)", "projector": "the projector/connector into the language model",
+             "language": "the language model's blocks", "embeddings": "input token embeddings",
+             "head": "the output projection (lm_head)"}
+
+
+def load_vlm(spec: ModelSpec, quantize: bool = True) -> nn.Module:
+    """An `AutoModelForImageTextToText` from a hub id or a `save_pretrained` directory (random
+    weights with `pretrained: false`). `kwargs` go to `from_pretrained`."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    ref = resolve_hf_ref(spec)
+    kwargs = dict(spec.kwargs)
+    quant = quantization_config(spec) if quantize else None
+    try:
+        if not spec.pretrained:
+            config = AutoConfig.from_pretrained(ref.path)
+            return AutoModelForImageTextToText.from_config(config, dtype=_dtype(spec), **kwargs)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        return AutoModelForImageTextToText.from_pretrained(ref.path, dtype=_dtype(spec), **kwargs)
+    except OSError as err:
+        raise _offline_error(spec.name, err) from err
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelError(f"{spec.name!r} is not an image-text-to-text model that transformers knows "
+                             f"(AutoModelForImageTextToText cannot load it): {str(err)[:200]}") from None
+        raise
+
+
+def load_processor(spec: ModelSpec, chat_template: Optional[str] = None):
+    """The model's own processor (image processor + tokenizer), with a padding token.
+
+    Args:
+        spec: the model reference.
+        chat_template: a Jinja chat template replacing the processor's own (None keeps it).
+    """
+    from transformers import AutoProcessor
+
+    ref = resolve_hf_ref(spec)
+    try:
+        processor = AutoProcessor.from_pretrained(ref.path)
+        if getattr(processor, "image_processor", None) is None:
+            processor = _pair_processor(ref.path, processor)
+    except OSError as err:
+        raise _offline_error(spec.name, err) from err
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise ModelError(f"{spec.name}: AutoProcessor gave {type(processor).__name__}, which lacks a tokenizer or an "
+                         "image processor; save both with the model (a ProcessorMixin's save_pretrained does)")
+    if chat_template is not None:
+        processor.chat_template = chat_template
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked from attention and loss
+    return processor
+
+
+def _pair_processor(path: str, loaded):
+    """An image processor and a tokenizer saved side by side (VisionEncoderDecoder checkpoints have no
+    processor class), joined in transformers' generic two-part processor so they save and reload
+    together with `AutoProcessor`."""
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderProcessor
+
+    tokenizer = getattr(loaded, "tokenizer", None) or (loaded if hasattr(loaded, "convert_tokens_to_ids") else None)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    return VisionTextDualEncoderProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer)
+
+
+def _find(model: nn.Module, names: tuple[str, ...], skip: tuple[str, ...] = ()) -> Optional[str]:
+    """The shortest module path whose last component is one of `names` (in order of preference)."""
+    paths = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        found = sorted((p for p in paths if p.rsplit(".", 1)[-1] == name
+                        and not any(p == s or p.startswith(s + ".") for s in skip)), key=len)
+        if found:
+            return found[0]
+    return None
+
+
+def vlm_parts(model: nn.Module) -> dict[str, Optional[list[str]]]:
+    """Module-path prefixes of each part for `apply_adapter`: projector, vision, embeddings, head,
+    and `language` (everything else). Order matters: the projector is matched before the vision
+    tower that may contain it.
+
+    Raises:
+        ModelError: no vision tower is found.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    embed = names.get(id(model.get_input_embeddings()))
+    out_emb = model.get_output_embeddings()
+    head = names.get(id(out_emb)) if out_emb is not None else None
+    language = _find(model, LANGUAGE_NAMES)
+    projector = _find(model, PROJECTOR_NAMES, skip=tuple(p for p in (language,) if p))
+    vision = _find(model, VISION_NAMES, skip=tuple(p for p in (language, projector) if p))
+    if vision is None:
+        raise ModelError(f"{type(model).__name__}: no vision tower found (looked for submodules named {VISION_NAMES})")
+    parts: dict[str, Optional[list[str]]] = {}
+    if projector:
+        parts["projector"] = [projector]
+    parts["vision"] = [vision]
+    if embed:
+        parts["embeddings"] = [embed]
+    if head:
+        parts["head"] = [head]
+    parts["language"] = None
+    return parts
+
+
+def image_token_ids(processor, model: nn.Module) -> set[int]:
+    """Token ids that stand for image content (never labeled, never counted as text)."""
+    ids = set()
+    tok = processor.tokenizer
+    for attr in ("image_token", "boi_token", "eoi_token", "fake_image_token", "global_image_token", "vision_start_token",
+                 "vision_end_token"):
+        value = getattr(processor, attr, None) or getattr(tok, attr, None)
+        if isinstance(value, str):
+            token_id = tok.convert_tokens_to_ids(value)
+            if isinstance(token_id, int) and token_id != tok.unk_token_id:
+                ids.add(token_id)
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return ids
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def model_type(model: nn.Module) -> str:
+    return str(getattr(model.config, "model_type", ""))
+
+
+def text_config(model: nn.Module) -> Any:
+    config = model.config
+    return getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
+
+
+def check_trainable_dtype(model: nn.Module) -> None:
+    if any(p.requires_grad and p.dtype in (torch.int8, torch.uint8) for p in model.parameters()):
+        raise ConfigError("quantized weights cannot train; use adapter.method: lora with model.quantization")

@@ -1,0 +1,399 @@
+"""Vision-language fine-tuning: captioning, report generation, VQA and multimodal chat."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
+from mmtune.data.text import IGNORE
+from mmtune.data.vl_encoding import build_encoding
+from mmtune.errors import ConfigError
+from mmtune.metrics.text import text_metrics, vqa_accuracy
+from mmtune.models.hf import resolve_hf_ref
+from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
+from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
+from mmtune.tasks import common
+
+
+@dataclass
+class DecodingSpec:
+    """How answers are generated at validation, test and predict.
+
+    Args:
+        max_new_tokens: longest generated answer.
+        num_beams: beam search width (1: greedy unless sampling).
+        do_sample: sample with `temperature` and `top_p` instead of searching.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        repetition_penalty: >1 discourages repeating tokens (long reports).
+        val_samples: generate for at most this many validation samples per validation (None: all,
+            0: none, only the loss); test and predict always generate for every sample.
+    """
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    val_samples: Optional[int] = None
+
+    def generate_kwargs(self) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
+                      repetition_penalty=self.repetition_penalty)
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross entropy over labeled tokens (float32 logits), and their count. Decoder-only models
+    predict the next token (`shift`); an encoder-decoder's logits line up with its labels."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                            reduction="sum")
+    return total, (labels != IGNORE).sum()
+
+
+class VisionLanguageTask(L.LightningModule):
+    """Fine-tunes any transformers image-text-to-text model (BLIP, VisionEncoderDecoder, LLaVA,
+    Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL, PaliGemma, ...) with its own processor.
+
+    Args:
+        model: a hub id or a local `save_pretrained` directory (with the processor saved beside it).
+        adapter: adapters and per-part freezing. Parts: `vision` (vision tower), `projector`
+            (connector), `language` (LM blocks), `embeddings`, `head`; each `frozen`, `adapter` or
+            `full`. Defaults: vision frozen, projector fully trained, language with the adapter
+            (fully trained without one), embeddings and head frozen with an adapter.
+        optimizer: AdamW settings; `part_lrs` (or `vision_lr`/`projector_lr`) set per-part rates.
+        monitor: best-checkpoint and early-stopping metric (`val/loss`; or e.g. `val/bleu4`, max).
+        decoding: generation settings for validation, test and predict.
+        chat_template: a Jinja template replacing the processor's own (enables chats for models
+            without one).
+        encoding: `auto`, or force `chat`, `plain`, `prefix_suffix`, `encoder_decoder`
+            (`mmtune.data.vl_encoding`).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
+        checkpoint_weights: `trainable` (adapters and trained parts only), `full`, or `auto`.
+        predictions_file: where test/predict write their JSONL (default: the run directory).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        adapter: AdapterSpec = AdapterSpec(method="lora"),
+        optimizer: OptimizerSpec = OptimizerSpec(lr=1e-4, weight_decay=0.0),
+        monitor: MonitorSpec = MonitorSpec(),
+        decoding: DecodingSpec = DecodingSpec(),
+        chat_template: Optional[str] = None,
+        encoding: Literal["auto", "chat", "plain", "prefix_suffix", "encoder_decoder"] = "auto",
+        gradient_checkpointing: bool = False,
+        checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
+        predictions_file: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.model_spec = as_spec(ModelSpec, model)
+        self.adapter_spec = as_spec(AdapterSpec, adapter)
+        self.optimizer_spec = as_spec(OptimizerSpec, optimizer)
+        self.monitor_spec = as_spec(MonitorSpec, monitor)
+        self.decoding_spec = as_spec(DecodingSpec, decoding)
+        resolve_hf_ref(self.model_spec)  # fail at construction on a missing path
+        if self.model_spec.quantization != "none" and self.adapter_spec.method == "none":
+            raise ConfigError("model.quantization needs an adapter (adapter.method: lora): quantized weights cannot train")
+        self.save_hyperparameters({
+            "model": spec_to_dict(self.model_spec), "adapter": spec_to_dict(self.adapter_spec),
+            "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
+            "decoding": spec_to_dict(self.decoding_spec), "chat_template": chat_template, "encoding": encoding,
+            "gradient_checkpointing": gradient_checkpointing, "checkpoint_weights": checkpoint_weights,
+            "predictions_file": predictions_file,
+        })
+        self.processor = load_processor(self.model_spec, chat_template)
+        self.net: Optional[torch.nn.Module] = None
+        self.adapter_report: Optional[AdapterReport] = None
+        self._encoding = None
+        self._eval_sums = [0.0, 0]
+        self._rows: list[dict] = []
+
+    # ---- build -------------------------------------------------------------------------------------
+    def _trainable_only(self) -> bool:
+        mode = self.hparams.checkpoint_weights
+        if mode != "auto":
+            return mode == "trainable"
+        something_frozen = self.adapter_spec.method != "none" or "frozen" in self.adapter_spec.parts.values()
+        return something_frozen and self.model_spec.pretrained
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        net = load_vlm(self.model_spec)
+        gc = bool(self.hparams.gradient_checkpointing)
+        if self.model_spec.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=gc,
+                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif gc:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(net.config, "use_cache"):
+            net.config.use_cache = False
+        self.net, self.adapter_report = self._adapt(net)
+        rank_zero_info(f"[mmtune] {self.model_spec.name}: {self.adapter_report.summary()}")
+
+    def _adapt(self, net: torch.nn.Module) -> tuple[torch.nn.Module, AdapterReport]:
+        parts = vlm_parts(net)
+        with_adapter = self.adapter_spec.method != "none"
+        defaults = {"vision": "frozen", "projector": "full", "language": "adapter",
+                    "embeddings": "frozen" if with_adapter else "full", "head": "frozen" if with_adapter else "full"}
+        return apply_adapter(net, self.adapter_spec, "hf", parts, {p: defaults[p] for p in parts})
+
+    def _raw(self) -> torch.nn.Module:
+        return self.net.get_base_model() if self.adapter_spec.method != "none" else self.net
+
+    @property
+    def encoding(self):
+        """How samples become inputs for this model (built on first use: it needs the model config)."""
+        if self._encoding is None:
+            from transformers import AutoConfig
+
+            config = self.net.config if self.net is not None else AutoConfig.from_pretrained(resolve_hf_ref(self.model_spec).path)
+            raw = self._raw() if self.net is not None else None
+            ids = image_token_ids(self.processor, raw) if raw is not None else image_token_ids(self.processor, _Stub(config))
+            self._encoding = build_encoding(self.hparams.encoding, self.processor, config, ids)
+        return self._encoding
+
+    def setup(self, stage: str) -> None:
+        """Gives the data module the encoding (the processor and how this family takes samples)."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None and hasattr(dm, "connect"):
+            dm.connect(self.encoding)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def _inputs(self, inputs: dict) -> dict:
+        dtype = next(p.dtype for p in self.net.parameters() if p.is_floating_point())
+        return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+
+    def loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token cross entropy over labeled tokens and the token count of a batch."""
+        raw = self._raw()
+        inputs = self._inputs(batch["inputs"])
+        if is_encoder_decoder(raw):
+            labels = batch["labels"]
+            decoder_input_ids = raw.prepare_decoder_input_ids_from_labels(labels) if hasattr(
+                raw, "prepare_decoder_input_ids_from_labels") else _shift_right(labels, raw.config)
+            logits = self.net(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
+            return token_loss(logits, labels, shift=False)
+        logits = self.net(**inputs, use_cache=False).logits
+        return token_loss(logits, batch["labels"], shift=True)
+
+    def _unused_trainable_guard(self, batch: dict) -> torch.Tensor:
+        """Zero that touches every trainable vision/projector weight when a batch has no image.
+
+        Under DDP every process must produce a gradient for every trainable parameter each step;
+        a text-only batch skips the vision tower and projector, and the processes would wait on each
+        other forever (or fail). Adding `0 * sum(weights)` gives those weights zero gradients.
+        """
+        if batch.get("has_images", 1):
+            return torch.zeros((), device=self.device)
+        raw = self._raw()
+        part_of = part_lookup(vlm_parts(raw))
+        params = [p for n, p in raw.named_parameters() if p.requires_grad and part_of(n) in ("vision", "projector")]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, count = self.loss_sums(batch)
+        loss = total / count.clamp(min=1) + self._unused_trainable_guard(batch)
+        size = len(batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/truncated", float(batch.get("truncated", 0)), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def _eval_step(self, batch: dict, generate: bool) -> None:
+        total, count = self.loss_sums(batch)
+        self._eval_sums[0] += float(total)
+        self._eval_sums[1] += int(count)
+        if generate:
+            self._collect(batch, self.generate_batch(batch["prompt_inputs"]))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        limit = self.decoding_spec.val_samples
+        seen = len(self._rows)
+        generate = not self.trainer.sanity_checking and (limit is None or seen < limit)
+        self._eval_step(batch, generate)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        texts = self.generate_batch(batch["prompt_inputs"])
+        self._collect(batch, texts)
+        return texts
+
+    # ---- generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_batch(self, inputs: dict) -> list[str]:
+        """Answers for a batch of prompt inputs (from the encoding's `prompt_batch`)."""
+        was_training = self.net.training
+        self.net.eval()
+        inputs = self._inputs({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        tok = self.processor.tokenizer
+        prompt_ids = inputs.get("input_ids")
+        if prompt_ids is not None:
+            prompt_ids = prompt_ids.clone()  # some families' generate edits the ids in place
+        try:
+            out = self.net.generate(**inputs, **self.decoding_spec.generate_kwargs(), **self.encoding.generate_kwargs(),
+                                    use_cache=True)
+        finally:
+            self.net.train(was_training)
+        if prompt_ids is not None and not is_encoder_decoder(self._raw()):
+            out = out[:, _common_prefix(out, prompt_ids, inputs.get("input_ids")):]
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def _collect(self, batch: dict, texts: list[str]) -> None:
+        dataset = self._current_dataset()
+        for i, text in zip(batch["index"].tolist(), texts):
+            s = dataset.items[i].sample
+            self._rows.append({"id": s.id, "reference": s.reference, "prediction": text, "answers": s.answers,
+                               "answer_type": s.answer_type, "images": s.images})
+
+    def _current_dataset(self):
+        trainer = self.trainer
+        if trainer.testing:
+            loaders = trainer.test_dataloaders
+        elif trainer.predicting:
+            loaders = trainer.predict_dataloaders
+        else:
+            loaders = trainer.val_dataloaders
+        return (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
+
+    # ---- epoch ends ----------------------------------------------------------------------------------
+    def _finish(self, stage: str) -> None:
+        sums = common.gather_objects([tuple(self._eval_sums)])
+        self._eval_sums = [0.0, 0]
+        total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
+        loss = torch.tensor(total / max(count, 1))
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=False)
+        rows = self._gathered_rows()
+        if not rows:
+            return
+        metrics = text_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+        if any(len(r["answers"]) > 1 or r["answer_type"] for r in rows) or self._is_vqa(rows):
+            types = [r["answer_type"] for r in rows]
+            metrics.update(vqa_accuracy([r["prediction"] for r in rows], [r["answers"] or [r["reference"]] for r in rows],
+                                        types if any(types) else None))
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, sync_dist=False)
+        self._write_predictions(stage, rows)
+
+    def _is_vqa(self, rows: list[dict]) -> bool:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        return getattr(dm, "format", None) == "vqa"
+
+    def _gathered_rows(self) -> list[dict]:
+        rows = common.gather_objects(self._rows)
+        self._rows = []
+        unique = {r["id"]: r for r in rows}  # a distributed sampler pads with repeats
+        return list(unique.values())
+
+    def _write_predictions(self, stage: str, rows: list[dict]) -> None:
+        out = common.run_dir(self.trainer)
+        if not self.trainer.is_global_zero:
+            return
+        if stage == "val":
+            target = (out or Path(".")) / "predictions" / f"val_step_{self.trainer.global_step}.jsonl"
+        else:
+            target = Path(self.hparams.predictions_file or (out or Path(".")) / "predictions.jsonl")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w") as f:
+            for r in rows:
+                f.write(json.dumps({"id": r["id"], "reference": r["reference"], "prediction": r["prediction"],
+                                    **({"answer_type": r["answer_type"]} if r["answer_type"] else {})}) + "\n")
+        if stage != "val":
+            rank_zero_info(f"[mmtune] wrote {len(rows)} predictions to {target}")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self._gathered_rows()
+        if rows:
+            self._write_predictions("predict", rows)
+
+    # ---- optimization, callbacks, checkpoints --------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
+                                          part_of=part_lookup(vlm_parts(self._raw())), part_names=PARTS_DOC)
+
+    def configure_callbacks(self) -> list:
+        return common.standard_callbacks(self.monitor_spec, self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        common.on_save_checkpoint(self, checkpoint, self._trainable_only())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        common.on_load_checkpoint(self, checkpoint)
+
+    # ---- export --------------------------------------------------------------------------------------
+    def export(self, out_dir: str) -> Path:
+        """Merges adapters into the base weights, keeping every fully trained part (vision tower,
+        projector), and writes `save_pretrained` output with the processor: loadable by plain
+        transformers (`AutoModelForImageTextToText`, `AutoProcessor`)."""
+        out = Path(out_dir)
+        if self.model_spec.quantization != "none":
+            import peft
+
+            base = load_vlm(self.model_spec, quantize=False)
+            merged, _ = self._adapt(base)
+            peft.set_peft_model_state_dict(merged, peft.get_peft_model_state_dict(self.net))
+            merged = merge_adapter(merged)
+        else:
+            merged = merge_adapter(copy.deepcopy(self.net))
+        if hasattr(merged.config, "use_cache"):
+            merged.config.use_cache = True
+        merged.eval().save_pretrained(out)
+        self.processor.save_pretrained(out)
+        (out / "mmtune.json").write_text(json.dumps({"task": "vision_language", "source_model": self.model_spec.name},
+                                                    indent=2))
+        return out
+
+
+class _Stub:
+    """A model stand-in carrying only a config (the encoding is needed before the model is built)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+
+def _shift_right(labels: torch.Tensor, config) -> torch.Tensor:
+    start = config.decoder_start_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    shifted = labels.new_full(labels.shape, pad)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted.masked_fill(shifted == IGNORE, pad)
+
+
+def _common_prefix(out: torch.Tensor, prompt_ids: torch.Tensor, edited: Optional[torch.Tensor]) -> int:
+    """How many leading positions of `out` repeat the prompt (generate returns prompt + answer; some
+    families drop or replace prompt tokens first, so the prompt as sent and as edited are both tried)."""
+    best = 0
+    for ids in (prompt_ids, edited):
+        if ids is None:
+            continue
+        n = min(ids.shape[1], out.shape[1])
+        same = (out[:, :n] == ids[:, :n]).all(0)
+        k = int(same.long().cumprod(0).sum()) if n else 0
+        best = max(best, k)
+    return best
