@@ -233,7 +233,7 @@ def read_visual_source(path: str, fmt: VisualFormat, fields: VisualFields, image
     """All rows of a data file (or of every split of an aligner DatasetDict directory) as samples.
 
     Args:
-        on_error: called with (origin, DataError) for a bad row; it re-raises or records a skip.
+        on_error: called with (sample id or origin, DataError) for a bad row; it re-raises or records a skip.
     """
     source = Path(path).expanduser()
     if source.is_dir():
@@ -249,7 +249,7 @@ def read_visual_source(path: str, fmt: VisualFormat, fields: VisualFields, image
         try:
             sample = row_to_sample(row, kind, fields, root, origin, prompt, placeholder)
         except DataError as err:
-            on_error(origin, err)
+            on_error(str(row.get(fields.id)) if row.get(fields.id) not in (None, "") else origin, err)
             continue
         sample.split = sample.split or split
         out.append(sample)

@@ -112,9 +112,11 @@ def vlm_parts(model: nn.Module) -> dict[str, Optional[list[str]]]:
     """
     names = {id(m): n for n, m in model.named_modules()}
     embed = names.get(id(model.get_input_embeddings()))
-    out_emb = model.get_output_embeddings()
-    head = names.get(id(out_emb)) if out_emb is not None else None
     language = _find(model, LANGUAGE_NAMES)
+    out_emb = model.get_output_embeddings()
+    if out_emb is None and language and hasattr(model.get_submodule(language), "get_output_embeddings"):
+        out_emb = model.get_submodule(language).get_output_embeddings()  # BLIP keeps its head in the text decoder
+    head = names.get(id(out_emb)) if out_emb is not None else None
     projector = _find(model, PROJECTOR_NAMES, skip=tuple(p for p in (language,) if p))
     vision = _find(model, VISION_NAMES, skip=tuple(p for p in (language, projector) if p))
     if vision is None:
