@@ -1,0 +1,272 @@
+"""Tiny vision-language models built here from configs (no hub), saved like a user's checkpoint.
+
+`build_tiny_vlm(family, root)` writes `root/family` with `save_pretrained` of the model and of its processor
+(tokenizer, image processor, chat template), the files a user's local checkpoint has. `tiny_vlm_dir` builds
+once per directory. The tokenizers are trained here with the `tokenizers` library and wrapped in each family's
+real tokenizer class (Llama/Gemma: metaspace BPE with byte fallback; GPT-2/Qwen2: byte-level BPE).
+
+TABLE (filled in from the loaded models, see the end of this docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.support.tiny_align import COLORS, SHAPES, draw
+
+FAMILIES = ("blip", "vision_encoder_decoder", "llava", "idefics3", "qwen2_vl", "qwen2_5_vl", "paligemma")
+
+# transformers 5.23 has no AutoModelForVision2Seq: every family loads through AutoModelForImageTextToText.
+AUTO_CLASS = {family: "AutoModelForImageTextToText" for family in FAMILIES}
+
+# Families whose real checkpoints ship a chat template (the others take plain prompts / PaliGemma's prefix+suffix).
+HAS_CHAT_TEMPLATE = {"llava": True, "idefics3": True, "qwen2_vl": True, "qwen2_5_vl": True,
+                     "blip": False, "vision_encoder_decoder": False, "paligemma": False}
+MULTI_IMAGE = ("llava", "idefics3", "qwen2_vl", "qwen2_5_vl")
+
+# The placeholder the processor expands, and how many tokens one 32x32 image becomes in input_ids.
+IMAGE_TOKEN = {"blip": None, "vision_encoder_decoder": None, "llava": "<image>", "idefics3": "<image>",
+               "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "paligemma": "<image>"}
+TOKENS_PER_IMAGE = {"blip": 0, "vision_encoder_decoder": 0, "llava": 16, "idefics3": 4, "qwen2_vl": 4,
+                    "qwen2_5_vl": 4, "paligemma": 16}
+
+IMAGE_SIZE = 32
+PROMPTS = ("Describe the image.", "What is in the picture?", "What color is the shape?", "caption en",
+           "Compare the two images.", "What shape is it?")
+
+# ---------------------------------------------------------------- chat templates (shapes of the hub's templates)
+
+# llava-hf/llava-1.5-7b-hf (processor chat_template.json), images first then texts, with generation markers.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# HuggingFaceTB/SmolVLM-Instruct (Idefics3): "User:<image>text<end_of_utterance>\nAssistant:".
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Qwen/Qwen2-VL-2B-Instruct and Qwen2.5-VL (ChatML, default system prompt, vision placeholders).
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN2_VL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# ---------------------------------------------------------------- images and captions
+
+
+def caption(color: str, shape: str) -> str:
+    return f"a {color} {shape}"
+
+
+def make_images(n: int, root: Path, size: int = IMAGE_SIZE, seed: int = 0) -> list[Path]:
+    """`n` RGB PNGs of a colored square or circle on a noisy grey background, cycling through the 8 kinds;
+    the file name names the kind (`003_red_circle.png`)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    kinds = [(c, s) for c in COLORS for s in SHAPES]
+    paths = []
+    for i in range(n):
+        color, shape = kinds[i % len(kinds)]
+        path = root / f"{i:03d}_{color}_{shape}.png"
+        draw(color, shape, rng, size=size).save(path)
+        paths.append(path)
+    return paths
+
+
+def caption_rows(n: int, root: Path, size: int = IMAGE_SIZE, seed: int = 0) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs whose caption (`a red square`) is predictable from the image."""
+    return [(p, caption(*p.stem.split("_")[1:])) for p in make_images(n, root, size=size, seed=seed)]
+
+
+# ---------------------------------------------------------------- tokenizers trained here
+
+
+def _corpus() -> list[str]:
+    captions = [caption(c, s) for c in COLORS for s in SHAPES]
+    chat = ["USER: ASSISTANT: User: Assistant: user assistant system You are a helpful assistant.",
+            "Picture 1: Picture 2: Video 1: the image a photo of a small big answer en",
+            "system\nYou are", "user\nCompare", "assistant\na red", "Describe\nWhat"]
+    return captions * 20 + [" ".join(PROMPTS)] * 10 + chat * 10 + ["0 1 2 3 4 5 6 7 8 9 . , : ? ! \n"] * 5
+
+
+def _train_byte_level(specials: list[str], vocab_size: int = 400) -> tuple[dict, list]:
+    """Vocab and merges of a byte-level BPE (GPT-2 / Qwen2 style) trained on the test vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    return tok.get_vocab(), [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+
+
+def _train_metaspace(specials: list[str], vocab_size: int = 450) -> tuple[dict, list]:
+    """Vocab and merges of a sentencepiece-like BPE (Llama / Gemma style: `▁` for spaces, `<0xNN>` byte
+    fallback tokens) trained on the test vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    return tok.get_vocab(), [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+
+
+def _add_special(tok, tokens: list[str]) -> None:
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True)
+                                                          for t in tokens]})
+
+
+def _ids(tok, *tokens: str) -> list[int]:
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    assert tok.unk_token_id not in ids or tok.unk_token_id is None, (tokens, ids)
+    return ids
+
+
+# ---------------------------------------------------------------- shared tiny sizes
+
+LM_INIT = 0.2  # larger than the default 0.02 so a frozen random lm_head leaves LoRA room to lower the loss
+
+
+def _lm(**kwargs) -> dict:
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, initializer_range=LM_INIT, **kwargs)
+
+
+def _vit(**kwargs) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=IMAGE_SIZE, patch_size=8, initializer_range=0.02, **kwargs)
+
+
+# ---------------------------------------------------------------- families
+
+
+def _llava():
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    vocab, merges = _train_metaspace(["<unk>", "<s>", "</s>"])
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                         legacy=False, add_bos_token=True, add_eos_token=False)
+    _add_special(tok, ["<image>"])
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.chat_template = LLAVA_TEMPLATE
+    image_token_id, = _ids(tok, "<image>")
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **_lm())
+    vision = CLIPVisionConfig(projection_dim=32, **_vit())
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                         image_seq_length=TOKENS_PER_IMAGE["llava"], vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _qwen_tokenizer():
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _train_byte_level(QWEN2_VL_SPECIAL)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    _add_special(tok, QWEN2_VL_SPECIAL)
+    tok.chat_template = QWEN2_VL_TEMPLATE
+    return tok
+
+
+def _qwen2_vl(version: str = "qwen2_vl"):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    tok = _qwen_tokenizer()
+    image, video, start, end, bos = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                         "<|vision_end|>", "<|endoftext|>")
+    # head_dim 16: mrope_section (temporal, height, width) must sum to head_dim / 2.
+    text = _lm(vocab_size=len(tok), bos_token_id=bos, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
+    pixels = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=IMAGE_SIZE ** 2)
+    if version == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config_cls, model_cls, proc_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    else:
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+        config_cls, model_cls, proc_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                        vision_start_token_id=start, vision_end_token_id=end, tie_word_embeddings=False)
+    processor = proc_cls(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                         video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN2_VL_TEMPLATE)
+    return model_cls(config), processor
+
+
+_BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": lambda: _qwen2_vl("qwen2_5_vl")}
+
+
+def build_tiny_vlm(family: str, root: Path, seed: int = 0) -> Path:
+    """Builds the tiny `family` model and processor and saves both in `root/family` (returned)."""
+    import torch
+
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
+    torch.manual_seed(seed)
+    model, processor = _BUILDERS[family]()
+    model.eval()
+    out = Path(root) / family
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_vlm_dir(family: str, root: Path) -> Path:
+    """`root/family`, built on first use (built aside then renamed, so a half-written directory never shows)."""
+    out = Path(root) / family
+    if not out.exists():
+        tmp = build_tiny_vlm(family, Path(root) / f".building-{os.getpid()}")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # built meanwhile by another process
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return out
