@@ -36,6 +36,61 @@ IMAGE_TOKEN = {"blip": None, "vision_encoder_decoder": None, "llava": "<image>",
 TOKENS_PER_IMAGE = {"blip": 0, "vision_encoder_decoder": 0, "llava": 16, "idefics3": 4, "qwen2_vl": 4,
                     "qwen2_5_vl": 4, "paligemma": 16}
 
+# Where the parts sit in the model loaded with AUTO_CLASS (dotted paths; None: the family has no such part).
+# Qwen's projector (`merger`) sits inside its vision tower; BLIP and ViT+GPT-2 feed the image through the
+# decoder's cross-attention instead of a projector.
+PARTS = {
+    "blip": {"vision": "vision_model", "projector": None, "language_model": "text_decoder"},
+    "vision_encoder_decoder": {"vision": "encoder", "projector": None, "language_model": "decoder"},
+    "llava": {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
+              "language_model": "model.language_model"},
+    "idefics3": {"vision": "model.vision_model", "projector": "model.connector", "language_model": "model.text_model"},
+    "qwen2_vl": {"vision": "model.visual", "projector": "model.visual.merger", "language_model": "model.language_model"},
+    "qwen2_5_vl": {"vision": "model.visual", "projector": "model.visual.merger",
+                   "language_model": "model.language_model"},
+    "paligemma": {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
+                  "language_model": "model.language_model"},
+}
+
+MODEL_CLASS = {"blip": "BlipForConditionalGeneration", "vision_encoder_decoder": "VisionEncoderDecoderModel",
+               "llava": "LlavaForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "paligemma": "PaliGemmaForConditionalGeneration"}
+
+# What AutoProcessor.from_pretrained(dir) returns (ViT+GPT-2 has no processor class: the tokenizer comes back;
+# load AutoImageProcessor and AutoTokenizer separately, as for nlpconnect/vit-gpt2-image-captioning).
+PROCESSOR_CLASS = {"blip": "BlipProcessor", "vision_encoder_decoder": "GPT2Tokenizer", "llava": "LlavaProcessor",
+                   "idefics3": "Idefics3Processor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                   "paligemma": "PaliGemmaProcessor"}
+
+_LM = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj",
+       "self_attn.v_proj"]
+_SIGLIP_CLIP = ["mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.out_proj", "self_attn.q_proj", "self_attn.v_proj"]
+# nn.Linear (GPT-2: Conv1D) names per part, relative to the repeated block (see `linear_names`), read off the loaded
+# models. "head": Linear layers outside the parts (lm_head of the decoder-only families).
+LINEAR_NAMES = {
+    "blip": {"vision": ["mlp.fc1", "mlp.fc2", "self_attn.projection", "self_attn.qkv"],
+             "language_model": ["attention.output.dense", "attention.self.key", "attention.self.query",
+                                "attention.self.value", "cls.predictions.decoder", "cls.predictions.transform.dense",
+                                "crossattention.output.dense", "crossattention.self.key", "crossattention.self.query",
+                                "crossattention.self.value", "intermediate.dense", "output.dense"],
+             "head": []},
+    "vision_encoder_decoder": {
+        "vision": ["attention.k_proj", "attention.o_proj", "attention.q_proj", "attention.v_proj", "mlp.fc1", "mlp.fc2",
+                   "pooler.dense"],
+        "language_model": ["attn.c_attn", "attn.c_proj", "crossattention.c_attn", "crossattention.c_proj",
+                           "crossattention.q_attn", "lm_head", "mlp.c_fc", "mlp.c_proj"],
+        "head": []},
+    "llava": {"vision": _SIGLIP_CLIP, "projector": ["linear_1", "linear_2"], "language_model": _LM, "head": ["lm_head"]},
+    "idefics3": {"vision": _SIGLIP_CLIP, "projector": ["modality_projection.proj"], "language_model": _LM,
+                 "head": ["lm_head"]},
+    "qwen2_vl": {"vision": ["attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2"], "projector": ["mlp.0", "mlp.2"],
+                 "language_model": _LM, "head": ["lm_head"]},
+    "qwen2_5_vl": {"vision": ["attn.proj", "attn.qkv", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"],
+                   "projector": ["mlp.0", "mlp.2"], "language_model": _LM, "head": ["lm_head"]},
+    "paligemma": {"vision": _SIGLIP_CLIP, "projector": ["linear"], "language_model": _LM, "head": ["lm_head"]},
+}
+
 IMAGE_SIZE = 32
 PROMPTS = ("Describe the image.", "What is in the picture?", "What color is the shape?", "caption en",
            "Compare the two images.", "What shape is it?")
@@ -118,7 +173,7 @@ def _corpus() -> list[str]:
     captions = [caption(c, s) for c in COLORS for s in SHAPES]
     chat = ["USER: ASSISTANT: User: Assistant: user assistant system You are a helpful assistant.",
             "Picture 1: Picture 2: Video 1: the image a photo of a small big answer en",
-            "system\nYou are", "user\nCompare", "assistant\na red", "Describe\nWhat"]
+            "system\nYou are", "user\nCompare", "assistant\na red", "Describe\nWhat", "\nAssistant: a red"]
     return captions * 20 + [" ".join(PROMPTS)] * 10 + chat * 10 + ["0 1 2 3 4 5 6 7 8 9 . , : ? ! \n"] * 5
 
 
@@ -241,7 +296,100 @@ def _qwen2_vl(version: str = "qwen2_vl"):
     return model_cls(config), processor
 
 
-_BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": lambda: _qwen2_vl("qwen2_5_vl")}
+def _idefics3():
+    """SmolVLM-style Idefics3: GPT-2 tokenizer with the image/row-col special tokens, no image splitting."""
+    from transformers import (GPT2Tokenizer, Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3ImageProcessor, Idefics3Processor, LlamaConfig)
+
+    grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
+                "<end_of_utterance>", "<global-img>", *grid]
+    vocab, merges = _train_byte_level(specials, vocab_size=450)
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                        eos_token="<end_of_utterance>", pad_token="<|im_end|>")
+    _add_special(tok, specials[3:])
+    tok.chat_template = IDEFICS3_TEMPLATE
+    image_token_id, = _ids(tok, "<image>")
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **_lm())
+    # 32x32 image, patch 8: 16 patches; pixel shuffle with scale_factor 2 -> 4 image tokens (image_seq_len).
+    vision = _vit(hidden_act="gelu_pytorch_tanh")
+    config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=image_token_id, scale_factor=2,
+                            tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                             max_image_size={"longest_edge": IMAGE_SIZE})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok,
+                                  image_seq_len=TOKENS_PER_IMAGE["idefics3"], chat_template=IDEFICS3_TEMPLATE)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def _paligemma():
+    """PaliGemma (SigLIP + Gemma). The processor adds `<image>` and 1,152 `<locNNNN>`/`<segNNN>` tokens to the
+    tokenizer, so it is built before the model config (vocab_size = len(tokenizer) afterwards)."""
+    from transformers import (GemmaConfig, GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                              PaliGemmaProcessor, SiglipImageProcessor, SiglipVisionConfig)
+
+    vocab, merges = _train_metaspace(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+    image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = TOKENS_PER_IMAGE["paligemma"]  # (32 / 8) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    image_token_id, = _ids(tok, "<image>")
+    text = GemmaConfig(vocab_size=len(tok), head_dim=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **_lm())
+    vision = SiglipVisionConfig(vision_use_head=False, **_vit())  # as in real PaliGemma (no pooling head)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                             vocab_size=len(tok), projection_dim=64, hidden_size=64, pad_token_id=tok.pad_token_id)
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+def _blip():
+    """BLIP captioning: BERT WordPiece tokenizer (`[CLS] text [SEP]`) plus `[DEC]` (the decoder's bos, which
+    `generate` puts in place of `[CLS]`) and `[ENC]`, like Salesforce/blip-image-captioning-*."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.train_from_iterator(_corpus(), trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    tok = BertTokenizer(vocab=wp.get_vocab(), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    _add_special(tok, ["[ENC]"])
+    text = dict(vocab_size=len(tok), hidden_size=64, encoder_hidden_size=32, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, initializer_range=LM_INIT,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+                sep_token_id=tok.sep_token_id)
+    # The vision config defaults initializer_range to 1e-10: the features would barely depend on the image.
+    vision = _vit()
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+                              tokenizer=tok)
+    return BlipForConditionalGeneration(config), processor
+
+
+def _vision_encoder_decoder():
+    """ViT encoder + GPT-2 decoder with cross-attention, like nlpconnect/vit-gpt2-image-captioning: a
+    ViTImageProcessor and a GPT-2 tokenizer saved side by side (no processor class; no pad token)."""
+    from transformers import (GPT2Config, GPT2Tokenizer, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+                              VisionEncoderDecoderModel)
+
+    vocab, merges = _train_byte_level(["<|endoftext|>"])
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges)
+    eos = tok.eos_token_id
+    encoder = ViTConfig(**{**_vit(), "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4})
+    decoder = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128, add_cross_attention=True,
+                         is_decoder=True, bos_token_id=eos, eos_token_id=eos, initializer_range=LM_INIT)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = eos
+    image_processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return VisionEncoderDecoderModel(config), (image_processor, tok)
+
+
+_BUILDERS = {"blip": _blip, "vision_encoder_decoder": _vision_encoder_decoder, "llava": _llava,
+             "idefics3": _idefics3, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": lambda: _qwen2_vl("qwen2_5_vl"),
+             "paligemma": _paligemma}
 
 
 def build_tiny_vlm(family: str, root: Path, seed: int = 0) -> Path:
@@ -255,7 +403,8 @@ def build_tiny_vlm(family: str, root: Path, seed: int = 0) -> Path:
     model.eval()
     out = Path(root) / family
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    for part in processor if isinstance(processor, tuple) else (processor,):
+        part.save_pretrained(out)
     return out
 
 
@@ -270,3 +419,27 @@ def tiny_vlm_dir(family: str, root: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return out
+
+
+def linear_names(model, family: str) -> dict[str, list[str]]:
+    """Names of the nn.Linear layers (and GPT-2 Conv1D) in each part of PARTS[family] plus "head" (those in no part:
+    lm_head), relative to the repeated block (`self_attn.q_proj` for `...layers.0.self_attn.q_proj`); the projector
+    inside Qwen's vision tower is counted under "projector" only."""
+    import torch
+
+    parts = {k: v for k, v in PARTS[family].items() if v}
+    modules = dict(model.named_modules())
+    found: dict[str, set] = {k: set() for k in [*parts, "head"]}
+    for name, module in modules.items():
+        if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        owner = max((k for k, p in parts.items() if name.startswith(p + ".")), key=lambda k: len(parts[k]),
+                    default="head")
+        comps = name[len(parts[owner]) + 1:].split(".") if owner != "head" else name.split(".")
+        for i in range(len(comps) - 1, 0, -1):  # drop everything up to the last ModuleList index
+            parent = ".".join(([parts[owner]] if owner != "head" else []) + comps[:i])
+            if comps[i].isdigit() and isinstance(modules.get(parent), torch.nn.ModuleList):
+                comps = comps[i + 1:]
+                break
+        found[owner].add(".".join(comps))
+    return {k: sorted(v) for k, v in found.items()}
