@@ -107,6 +107,9 @@ def test_tiny_vlm(family, vlm_root, images):
     out = model(**train)
     assert math.isfinite(out.loss.item()) and out.loss.item() > 0
     out.loss.backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert no_grad == {n for n, _ in model.named_parameters()
+                       if any(n.startswith(prefix) for prefix in tv.UNUSED_PARAMS.get(family, ()))}
     vision = model.get_submodule(tv.PARTS[family]["vision"])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
 

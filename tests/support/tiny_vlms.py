@@ -1,11 +1,97 @@
 """Tiny vision-language models built here from configs (no hub), saved like a user's checkpoint.
 
 `build_tiny_vlm(family, root)` writes `root/family` with `save_pretrained` of the model and of its processor
-(tokenizer, image processor, chat template), the files a user's local checkpoint has. `tiny_vlm_dir` builds
-once per directory. The tokenizers are trained here with the `tokenizers` library and wrapped in each family's
-real tokenizer class (Llama/Gemma: metaspace BPE with byte fallback; GPT-2/Qwen2: byte-level BPE).
+(tokenizer, image processor, chat template): the files a user's local checkpoint has. `tiny_vlm_dir` builds once
+per directory (about 0.1 s a family once transformers is imported). Tokenizers are trained here with the
+`tokenizers` library and wrapped in each family's real tokenizer class (Llama/Gemma: metaspace BPE with `<0xNN>`
+byte fallback; GPT-2/Qwen2: byte-level BPE; BLIP: BERT WordPiece). Sizes: 2 layers everywhere, vision hidden 32
+(ViT of ViT+GPT-2: 64), patch 8 on 32x32 images, LM hidden 64 with initializer_range 0.2 (vision towers 0.02).
+`make_images` / `caption_rows` make images whose caption ("a red square") is predictable from the pixels.
 
-TABLE (filled in from the loaded models, see the end of this docstring).
+What was read off the loaded models (transformers 5.23; all asserted by tests/test_tiny_vlms.py)
+================================================================================================
+Every family loads with AutoModelForImageTextToText (5.23 has no AutoModelForVision2Seq). Paths are dotted
+submodule names of that loaded model; Linear names are relative to the repeated block (`layers.N.`/`blocks.N.`/
+`layer.N.`/`h.N.`), see PARTS / LINEAR_NAMES / `linear_names`.
+
+blip: BlipForConditionalGeneration, BlipProcessor (BertTokenizer + BlipImageProcessor), no chat template.
+  vision `vision_model` (BlipVisionModel): self_attn.qkv, self_attn.projection, mlp.fc1, mlp.fc2
+  projector: none (the text decoder cross-attends to the 17 vision states = 16 patches + CLS)
+  LM `text_decoder` (BlipTextLMHeadModel, BERT names): attention.self.{query,key,value}, attention.output.dense,
+    crossattention.self.{query,key,value}, crossattention.output.dense, intermediate.dense, output.dense,
+    cls.predictions.transform.dense, cls.predictions.decoder (tied to the word embeddings)
+  no image token in input_ids. Text is `[CLS] caption [SEP]`; tokenizer eos is None.
+ViT+GPT-2 (vision_encoder_decoder): VisionEncoderDecoderModel; AutoProcessor returns only the GPT2Tokenizer (no
+  processor class, as nlpconnect/vit-gpt2-image-captioning): load AutoImageProcessor (ViTImageProcessor) and
+  AutoTokenizer. No chat template; tokenizer has no pad token (bos = eos = `<|endoftext|>`, also decoder_start).
+  vision `encoder` (ViTModel): attention.{q_proj,k_proj,v_proj,o_proj}, mlp.fc1, mlp.fc2, pooler.dense
+  projector: none (hidden sizes equal, so no enc_to_dec_proj); cross-attention in the decoder
+  LM `decoder` (GPT2LMHeadModel, Conv1D not Linear): attn.c_attn, attn.c_proj, crossattention.c_attn,
+    crossattention.q_attn, crossattention.c_proj, mlp.c_fc, mlp.c_proj, lm_head (tied to wte)
+  no image token; the decoder sees 17 encoder states.
+llava: LlavaForConditionalGeneration, LlavaProcessor (CLIPImageProcessor; the Llama tokenizer reloads as
+  TokenizersBackend: transformers forces that for model_type llava), chat template yes, multi-image yes.
+  vision `model.vision_tower` (CLIPVisionModel): self_attn.{q_proj,k_proj,v_proj,out_proj}, mlp.fc1, mlp.fc2
+  projector `model.multi_modal_projector`: linear_1, linear_2
+  LM `model.language_model` (LlamaModel): self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj; `lm_head` on top
+  image token `<image>`: 16 per 32x32 image (vision_feature_layer -2, strategy "default" drops CLS).
+  Template (llava-1.5-hf): "USER: <image>\n<image>\nText ASSISTANT: answer " (no eos after the answer, images
+  before texts), generation prompt "ASSISTANT:", with {% generation %} markers (assistant masks work).
+idefics3: Idefics3ForConditionalGeneration, Idefics3Processor (Idefics3ImageProcessor, do_image_splitting=False;
+  GPT2Tokenizer), chat template yes (SmolVLM-Instruct), multi-image yes.
+  vision `model.vision_model` (Idefics3VisionTransformer): self_attn.{q_proj,k_proj,v_proj,out_proj}, mlp.fc1/fc2
+  projector `model.connector` (pixel shuffle, scale_factor 2): modality_projection.proj
+  LM `model.text_model` (LlamaModel): self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj; `lm_head` on top
+  image token `<image>`: 4 per 32x32 image (image_seq_len 4), wrapped as
+  `<fake_token_around_image><global-img><image>x4<fake_token_around_image>` (7 tokens).
+  Template: "<|im_start|>User:<image>Text<end_of_utterance>\nAssistant: answer<end_of_utterance>\n", generation
+  prompt "Assistant:", no generation markers; eos `<end_of_utterance>`, pad `<|im_end|>`, bos `<|im_start|>`.
+  Processor outputs pixel_values (batch, images, 3, 32, 32) plus pixel_attention_mask.
+qwen2_vl / qwen2_5_vl: Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor /
+  Qwen2_5_VLProcessor (both Qwen2VLImageProcessor + Qwen2VLVideoProcessor, patch 8, merge 2, min_pixels 256,
+  max_pixels 1024; Qwen2Tokenizer), chat template yes (ChatML with default system prompt), multi-image yes.
+  vision `model.visual`: attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (2.5: mlp.gate_proj, mlp.up_proj, mlp.down_proj);
+    `model.visual.patch_embed.proj` is a Conv3d (a bare "proj" target would hit it too)
+  projector `model.visual.merger` (inside the vision tower): mlp.0, mlp.2 (an nn.Sequential)
+  LM `model.language_model`: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj; `lm_head` on top
+  image token `<|image_pad|>`: 4 per 32x32 image (4x4 patches merged 2x2), between `<|vision_start|>` and
+  `<|vision_end|>`. Template: "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+  <|vision_start|><|image_pad|><|vision_end|>Text<|im_end|>\n<|im_start|>assistant\nanswer<|im_end|>\n",
+  generation prompt "<|im_start|>assistant\n", no generation markers; eos `<|im_end|>`, pad `<|endoftext|>`.
+  Processor outputs pixel_values as flat patches (n_patches, 384) plus image_grid_thw and mm_token_type_ids.
+paligemma: PaliGemmaForConditionalGeneration, PaliGemmaProcessor (SiglipImageProcessor + GemmaTokenizer), no chat
+  template: processor(images, text="<image>caption en", suffix="a red square") builds
+  `<image>x16 <bos> prefix \n suffix <eos>` with token_type_ids (0 prefix, 1 suffix) and labels (-100 on prefix).
+  vision `model.vision_tower` (SiglipVisionModel, no pooling head): self_attn.{q_proj,k_proj,v_proj,out_proj},
+    mlp.fc1, mlp.fc2
+  projector `model.multi_modal_projector`: linear
+  LM `model.language_model` (GemmaModel): self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj; `lm_head` (tied)
+  image token `<image>`: 16 per 32x32 image (image_seq_length). Tokenizer padding side left (others right).
+
+Gotchas met
+- In Llava, Idefics3 and PaliGemma the vision tower and the LM share names (q_proj, k_proj, v_proj): bare peft
+  target names hit both towers; anchor regexes on the part paths above. BLIP: query/key/value also hit the
+  cross-attention; ViT+GPT-2: the decoder layers are Conv1D (fan_in_fan_out).
+- Qwen2-VL raises without `mm_token_type_ids`; Qwen2.5-VL SILENTLY falls back to 1-D positions (other logits).
+  PaliGemma without `token_type_ids` silently attends causally over the prefix. Keep every processor output.
+- BLIP: forward trains on input_ids as given (`[CLS] ...`) while generate() puts `[DEC]` (text_config.bos_token_id)
+  in place of `[CLS]` and stops at `[SEP]` (sep_token_id): set input_ids[:, 0] = bos_token_id when training to
+  match. The vision init defaults to 1e-10 (set 0.02 here; the test checks the logits depend on the image).
+- Parameters that get no gradient (UNUSED_PARAMS; DDP needs find_unused_parameters or freezing them, and LoRA
+  there learns nothing): ViT+GPT-2's `encoder.pooler` (the decoder reads last_hidden_state); Llava's last vision
+  layer and post_layernorm, as in real Llava-1.5 (vision_feature_layer -2), which with 2 layers is half the tower.
+- ViT+GPT-2: no pad token in the tokenizer.
+- PaliGemma: the processor adds `<image>` plus 1,152 `<locNNNN>`/`<segNNN>` tokens, so it is built before the
+  config; image_processor.image_seq_length is set by hand; pass "<image>" in the prefix or the processor warns.
+- Llama-style tokenizers built from vocab/merges do not add `<s>` unless add_bos_token=True is passed.
+- Qwen's merger Linears are `mlp.0`/`mlp.2`: the last component alone ("0", "2") as a peft target matches
+  `blocks.0`/`layers.0` and peft raises (a Qwen2VLVisionBlock is not supported); use "mlp.0" or "merger.mlp.0".
+- Batched generation needs left padding (the chat families' tokenizers pad right).
+
+Learnability (measured, 2 CPU cores): LoRA r=8 on every Linear of LINEAR_NAMES (vision, projector, LM; not the
+head), AdamW lr 3e-3, batch 8 of `caption_rows(64)` (prompt masked, caption + eos as labels), 300 steps: caption
+loss from 6.5-9.4 down to 0.006-0.024 for every family (image-blind floor: ln 8 / caption tokens, 0.5-0.7), at
+0.02-0.07 s/step. lr 1e-2 lowers it faster for ~50 steps, then diverges.
 """
 
 from __future__ import annotations
@@ -90,6 +176,10 @@ LINEAR_NAMES = {
                    "projector": ["mlp.0", "mlp.2"], "language_model": _LM, "head": ["lm_head"]},
     "paligemma": {"vision": _SIGLIP_CLIP, "projector": ["linear"], "language_model": _LM, "head": ["lm_head"]},
 }
+
+# Parameter-name prefixes that get no gradient from the loss (see the docstring); every other parameter does.
+UNUSED_PARAMS = {"vision_encoder_decoder": ["encoder.pooler."],
+                 "llava": ["model.vision_tower.encoder.layers.1.", "model.vision_tower.post_layernorm."]}
 
 IMAGE_SIZE = 32
 PROMPTS = ("Describe the image.", "What is in the picture?", "What color is the shape?", "caption en",
