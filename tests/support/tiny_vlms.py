@@ -102,7 +102,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from tests.support.tiny_align import COLORS, SHAPES, draw
 
@@ -131,7 +130,8 @@ PARTS = {
     "llava": {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
               "language_model": "model.language_model"},
     "idefics3": {"vision": "model.vision_model", "projector": "model.connector", "language_model": "model.text_model"},
-    "qwen2_vl": {"vision": "model.visual", "projector": "model.visual.merger", "language_model": "model.language_model"},
+    "qwen2_vl": {"vision": "model.visual", "projector": "model.visual.merger",
+                 "language_model": "model.language_model"},
     "qwen2_5_vl": {"vision": "model.visual", "projector": "model.visual.merger",
                    "language_model": "model.language_model"},
     "paligemma": {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
@@ -167,7 +167,8 @@ LINEAR_NAMES = {
         "language_model": ["attn.c_attn", "attn.c_proj", "crossattention.c_attn", "crossattention.c_proj",
                            "crossattention.q_attn", "lm_head", "mlp.c_fc", "mlp.c_proj"],
         "head": []},
-    "llava": {"vision": _SIGLIP_CLIP, "projector": ["linear_1", "linear_2"], "language_model": _LM, "head": ["lm_head"]},
+    "llava": {"vision": _SIGLIP_CLIP, "projector": ["linear_1", "linear_2"], "language_model": _LM,
+              "head": ["lm_head"]},
     "idefics3": {"vision": _SIGLIP_CLIP, "projector": ["modality_projection.proj"], "language_model": _LM,
                  "head": ["lm_head"]},
     "qwen2_vl": {"vision": ["attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2"], "projector": ["mlp.0", "mlp.2"],
