@@ -53,7 +53,6 @@ class VisualCollate:
         images = [r[2] for r in rows]
         batch = self.encoding.train_batch(items, images, self.max_length)
         batch["index"] = torch.tensor([r[0] for r in rows])
-        batch["has_images"] = sum(len(im) for im in images)
         if self.with_prompts:
             batch["prompt_inputs"] = dict(self.encoding.prompt_batch(items, images))
         return batch

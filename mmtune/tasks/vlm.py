@@ -122,6 +122,7 @@ class VisionLanguageTask(L.LightningModule):
         self._encoding = None
         self._eval_sums = [0.0, 0]
         self._rows: list[dict] = []
+        self._vision_side: Optional[list[torch.nn.Parameter]] = None
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
@@ -194,23 +195,25 @@ class VisionLanguageTask(L.LightningModule):
         logits = self.net(**inputs, use_cache=False).logits
         return token_loss(logits, batch["labels"], shift=True)
 
-    def _unused_trainable_guard(self, batch: dict) -> torch.Tensor:
-        """Zero that touches every trainable vision/projector weight when a batch has no image.
+    def _unused_trainable_guard(self) -> torch.Tensor:
+        """Zero that touches every trainable vision-tower and projector weight.
 
-        Under DDP every process must produce a gradient for every trainable parameter each step;
-        a text-only batch skips the vision tower and projector, and the processes would wait on each
-        other forever (or fail). Adding `0 * sum(weights)` gives those weights zero gradients.
+        Under DDP every process must produce a gradient for every trainable parameter each step. A
+        text-only batch skips the vision tower and projector, and some families never use parts of
+        their tower (LLaVA reads the second-to-last layer, so the last one and the final norm get no
+        gradient); the processes would then wait on each other forever. Adding `0 * sum(weights)`
+        gives those weights zero gradients at the cost of one sum per weight.
         """
-        if batch.get("has_images", 1):
-            return torch.zeros((), device=self.device)
-        raw = self._raw()
-        part_of = part_lookup(vlm_parts(raw))
-        params = [p for n, p in raw.named_parameters() if p.requires_grad and part_of(n) in ("vision", "projector")]
-        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.device))
+        if self._vision_side is None:
+            raw = self._raw()
+            part_of = part_lookup(vlm_parts(raw))
+            self._vision_side = [p for n, p in raw.named_parameters()
+                                 if p.requires_grad and part_of(n) in ("vision", "projector")]
+        return sum((p.sum() * 0.0 for p in self._vision_side), torch.zeros((), device=self.device))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         total, count = self.loss_sums(batch)
-        loss = total / count.clamp(min=1) + self._unused_trainable_guard(batch)
+        loss = total / count.clamp(min=1) + self._unused_trainable_guard()
         size = len(batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/truncated", float(batch.get("truncated", 0)), reduce_fx="sum", batch_size=1)
