@@ -278,3 +278,25 @@ def test_ddp_with_text_only_and_multi_image_batches_does_not_hang(vlm_root, tmp_
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "runs" / "ddp" / "version_0" / "metrics.json").read_text())
     assert summary["fit"]["global_step"] == 4
+
+
+def test_truncation_is_counted_and_never_cuts_image_tokens(vlm_root, caption_file):
+    task = _task(tiny_vlm_dir("llava", vlm_root))
+    dm = _connected(task, _data(caption_file, max_length=30))  # 16 image tokens + prompt; the caption is cut
+    batch = _first_batch(dm)
+    assert batch["truncated"] == 4 and batch["inputs"]["input_ids"].shape[1] == 30
+    dm = _connected(task, _data(caption_file, max_length=10))
+    with pytest.raises(DataError, match="would cut through its image tokens"):
+        _first_batch(dm)
+
+
+@pytest.mark.parametrize("options", [{"gradient_checkpointing": True}, {"precision": "bf16-mixed"}],
+                         ids=["gradient_checkpointing", "bf16_mixed"])
+def test_memory_options_train(options, vlm_root, caption_file, tmp_path):
+    precision = options.pop("precision", "32-true")
+    task = _task(tiny_vlm_dir("qwen2_vl", vlm_root), **options)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, precision=precision)
+    trainer.fit(task, datamodule=_data(caption_file))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    if options.get("gradient_checkpointing"):
+        assert task._raw().is_gradient_checkpointing
