@@ -68,20 +68,18 @@ def text_keys(texts: TextTable, key: KeyKind, regex: Optional[re.Pattern] = None
         texts: the text side.
         key: `stem`, `column` or `regex` (see `image_keys`); a `.txt` folder has no columns, so its file
             stem (or, for a regex on `path`, its relative path) is the key.
-        regex: compiled regex with one group, for `key: regex`.
+        regex: compiled regex with one group applied to each key for `key: regex`; None takes the key
+            column's value, or the `.txt` file's stem, as it is.
         regex_on: for `.txt` files: the regex sees the file's `stem` or its relative `path`.
     """
     values = texts.key_values
     if texts.from_folder:
-        if key == "regex" and regex_on == "path":
+        if key == "regex" and regex is not None and regex_on == "path":
             return _search(regex, values)
         values = [_stem(v) for v in values]
-        return _search(regex, values) if key == "regex" else values
-    if key == "stem":
+    elif key == "stem":
         return [None if v is None else _stem_of_value(v) for v in values]
-    if key == "column":
-        return list(values)
-    return _search(regex, values)
+    return _search(regex, values) if key == "regex" and regex is not None else list(values)
 
 
 @dataclass

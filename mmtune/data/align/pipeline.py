@@ -14,7 +14,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 
 from mmtune.data.align import checks
-from mmtune.data.align.join import image_keys, join, text_keys
+from mmtune.data.align.join import Join, image_keys, join, text_keys
 from mmtune.data.align.pii import PIIScrubber
 from mmtune.data.align.report import REPORT_FILE, dropped_entry, listing, split_stats, write_report
 from mmtune.data.align.sources import ImageTable, TextTable, read_images, read_texts
@@ -52,7 +52,7 @@ def _keys(spec: AlignSpec, images: ImageTable, texts: TextTable) -> tuple[list, 
     image_rx = text_rx = None
     if spec.key == "regex":
         image_rx = compile_key_regex(spec.image_regex, "image_regex")
-        text_rx = compile_key_regex(spec.text_regex or spec.image_regex, "text_regex")
+        text_rx = compile_key_regex(spec.text_regex, "text_regex") if spec.text_regex else None
     return (image_keys(images, spec.key, image_rx, spec.regex_on),
             text_keys(texts, spec.key, text_rx, spec.regex_on))
 
@@ -99,35 +99,8 @@ def _dataset(core: dict[str, list], extra: dict[str, list], texts: TextTable) ->
     return Dataset(InMemoryTable(table), info=info, fingerprint=generate_random_fingerprint())
 
 
-def align_pairs(spec: AlignSpec) -> tuple[DatasetDict, dict]:
-    """Joins images and texts, checks every pair, scrubs and splits them.
-
-    Args:
-        spec: sources, key, checks, policies, PII scrubbing and split (see `AlignSpec`).
-
-    Returns:
-        The DatasetDict (splits `train`, `val`, `test`; columns `id`, `key`, `image` (path, or list
-        of paths in `list` mode), `text`, `group`, then the kept text-table columns) and the report
-        (a JSON-able dict; see docs in README).
-
-    Raises:
-        ConfigError: options that cannot work together.
-        DataError: unreadable sources, nothing matched, nothing left, or a problem whose policy is `error`.
-    """
-    spec.validate()
-    images, texts = _read(spec)
-    ikeys, tkeys = _keys(spec, images, texts)
-    joined = join(ikeys, tkeys)
-    if not joined.texts:
-        some_i = sorted({k for k in ikeys[:1000] if k is not None})[:3]
-        some_t = sorted({k for k in tkeys[:1000] if k is not None})[:3]
-        raise DataError(f"no image matched a text by key {spec.key!r} ({len(images.paths)} images, {len(texts.texts)} "
-                        f"texts): image keys look like {some_i}, text keys like {some_t}")
-    limit, policy = spec.examples, spec.policy
-    dropped: dict[str, dict] = {}
-
-    bad_images: dict[int, str] = {}
-    matched_images = sorted({i for imgs in joined.images for i in imgs})
+def _check_images(spec: AlignSpec, images: ImageTable, candidates: list[int], dropped: dict) -> tuple[dict, list[str]]:
+    """Missing, unreadable and duplicate files among `candidates`: {image index: detail}, checks run."""
     image_checks = []
     if spec.check_files and not images.from_folder:  # a folder lists only files that exist
         image_checks.append(("missing_image", checks.missing_files))
@@ -135,26 +108,39 @@ def align_pairs(spec: AlignSpec) -> tuple[DatasetDict, dict]:
         image_checks.append(("unreadable_image", lambda p: checks.unreadable_images(p, spec.workers)))
     if spec.check_duplicates:
         image_checks.append(("duplicate_image", lambda p: checks.duplicate_files(p, spec.workers)))
+    bad: dict[int, str] = {}
     for problem, check in image_checks:
-        _check(problem, check, matched_images, images.paths, policy.of(problem), images.where, "image", limit,
-               bad_images, dropped)
+        _check(problem, check, candidates, images.paths, spec.policy.of(problem), images.where, "image",
+               spec.examples, bad, dropped)
+    return bad, [p for p, _ in image_checks]
 
-    bad_texts: dict[int, str] = {}
-    _check("empty_text", checks.empty_texts, joined.texts, texts.texts, policy.of("empty_text"), texts.where, "text",
-           limit, bad_texts, dropped)
-    final = texts.texts
-    pii_counts = None
+
+def _check_texts(spec: AlignSpec, texts: TextTable, candidates: list[int], dropped: dict) -> tuple[dict, list, dict | None]:
+    """Empty texts, PII scrubbing, then over-long texts (measured as they will be written).
+
+    Returns:
+        {text index: detail} of bad texts, the texts to write (scrubbed), PII counts (None when off).
+    """
+    bad: dict[int, str] = {}
+    _check("empty_text", checks.empty_texts, candidates, texts.texts, spec.policy.of("empty_text"), texts.where,
+           "text", spec.examples, bad, dropped)
+    final, pii_counts = texts.texts, None
     if spec.pii.enabled:
         scrub = PIIScrubber(spec.pii.kinds, spec.pii.patterns)
         final = list(texts.texts)
-        for t in joined.texts:
-            if t not in bad_texts:
+        for t in candidates:
+            if t not in bad:
                 final[t] = scrub(final[t])
         pii_counts = dict(scrub.counts)
     if spec.max_chars is not None or spec.max_words is not None:
-        _check("too_long", lambda ts: checks.too_long_texts(ts, spec.max_chars, spec.max_words), joined.texts, final,
-               policy.of("too_long"), texts.where, "text", limit, bad_texts, dropped)
+        _check("too_long", lambda ts: checks.too_long_texts(ts, spec.max_chars, spec.max_words), candidates, final,
+               spec.policy.of("too_long"), texts.where, "text", spec.examples, bad, dropped)
+    return bad, final, pii_counts
 
+
+def _surviving_rows(joined: Join, bad_texts: dict, bad_images: dict, mode: str) -> tuple[list[int], list, dict]:
+    """Output rows as (text index, image index or list of them), and {text: detail} of texts in list
+    mode whose images were all dropped."""
     row_text: list[int] = []
     row_image: list[Any] = []
     emptied: dict[int, str] = {}
@@ -166,31 +152,31 @@ def align_pairs(spec: AlignSpec) -> tuple[DatasetDict, dict]:
             if not imgs:
                 emptied[t] = "every image of this text was dropped"
                 continue
-        if spec.mode == "list":
+        if mode == "list":
             row_text.append(t)
             row_image.append(imgs)
         else:
             row_text += [t] * len(imgs)
             row_image += imgs
-    if spec.mode == "list":
-        dropped["no_images_left"] = dropped_entry(emptied, "text", texts.where, limit)
-    if not row_text:
-        reasons = ", ".join(f"{v['count']} {k}" for k, v in dropped.items() if v["count"])
-        raise DataError(f"{joined.pairs} pair(s) matched but every one was dropped ({reasons}); see the policy settings")
+    return row_text, row_image, emptied
 
-    group_values = texts.columns.get(spec.group_column) if spec.group_column else None
-    def group_of(t: int) -> str:
-        if group_values is not None and group_values[t] not in (None, ""):
-            return str(group_values[t])
-        return tkeys[t]
-    text_group = {t: group_of(t) for t in dict.fromkeys(row_text)}
+
+def _groups_and_splits(spec: AlignSpec, texts: TextTable, tkeys: list, row_text: list[int]) -> tuple[list, list]:
+    """The group of each row (the group column, else the join key) and its split (the source's split
+    column, else `assign_splits` by group)."""
+    values = texts.columns.get(spec.group_column) if spec.group_column else None
+    text_group = {t: str(values[t]) if values is not None and values[t] not in (None, "") else tkeys[t]
+                  for t in dict.fromkeys(row_text)}
     groups = [text_group[t] for t in row_text]
     if spec.split_column:
         text_split = {t: _source_split(texts, spec.split_column, t) for t in text_group}
-        splits = [text_split[t] for t in row_text]
-    else:
-        splits = assign_splits(len(row_text), spec.split, spec.seed, groups)
+        return groups, [text_split[t] for t in row_text]
+    return groups, assign_splits(len(row_text), spec.split, spec.seed, groups)
 
+
+def _build(spec: AlignSpec, images: ImageTable, texts: TextTable, tkeys: list, final: list, row_text: list[int],
+           row_image: list, groups: list, splits: list) -> DatasetDict:
+    """Columns in split order, one Arrow table, and each split a contiguous slice of it."""
     by_split: dict[str, list[int]] = {s: [] for s in SPLIT_NAMES}
     for r, s in enumerate(splits):
         by_split[s].append(r)
@@ -215,26 +201,65 @@ def align_pairs(spec: AlignSpec) -> tuple[DatasetDict, dict]:
         # a contiguous range is a zero-copy slice; an empty one must be a list (datasets checks `start`)
         dataset[s] = full.select(range(start, start + size) if size else [])
         start += size
+    return dataset
+
+
+def align_pairs(spec: AlignSpec) -> tuple[DatasetDict, dict]:
+    """Joins images and texts, checks every pair, scrubs and splits them.
+
+    Args:
+        spec: sources, key, checks, policies, PII scrubbing and split (see `AlignSpec`).
+
+    Returns:
+        The DatasetDict (splits `train`, `val`, `test`, each present even when empty; columns `id`,
+        `key`, `image` (a path, or a list of paths in `list` mode), `text`, `group`, then the kept
+        text-table columns) and the report (a JSON-able dict, see `mmtune.data.align.report`).
+
+    Raises:
+        ConfigError: options that cannot work together.
+        DataError: unreadable sources, nothing matched, nothing left, or a problem whose policy is `error`.
+    """
+    spec.validate()
+    images, texts = _read(spec)
+    ikeys, tkeys = _keys(spec, images, texts)
+    joined = join(ikeys, tkeys)
+    if not joined.texts:
+        some_i = sorted({k for k in ikeys[:1000] if k is not None})[:3]
+        some_t = sorted({k for k in tkeys[:1000] if k is not None})[:3]
+        raise DataError(f"no image matched a text by key {spec.key!r} ({len(images.paths)} images, {len(texts.texts)} "
+                        f"texts): image keys look like {some_i}, text keys like {some_t}")
+    dropped: dict[str, dict] = {}
+    matched_images = sorted({i for imgs in joined.images for i in imgs})
+    bad_images, checks_run = _check_images(spec, images, matched_images, dropped)
+    bad_texts, final, pii_counts = _check_texts(spec, texts, joined.texts, dropped)
+    checks_run += ["empty_text"] + (["too_long"] if "too_long" in dropped else [])
+    row_text, row_image, emptied = _surviving_rows(joined, bad_texts, bad_images, spec.mode)
+    if spec.mode == "list":
+        dropped["no_images_left"] = dropped_entry(emptied, "text", texts.where, spec.examples)
+    if not row_text:
+        reasons = ", ".join(f"{v['count']} {k}" for k, v in dropped.items() if v["count"])
+        raise DataError(f"{joined.pairs} pair(s) matched but every one was dropped ({reasons}); see the policy settings")
+    groups, splits = _groups_and_splits(spec, texts, tkeys, row_text)
+    dataset = _build(spec, images, texts, tkeys, final, row_text, row_image, groups, splits)
 
     split_summary, crossing = split_stats(splits, groups)
-    matched_text_set = set(joined.texts)
+    if crossing:
+        log.warning("%d group(s) appear in several splits of %s's column %r", crossing, texts.source, spec.split_column)
+    limit = spec.examples
     report = {
         "images_source": str(images.source), "texts_source": str(texts.source), "key": spec.key, "mode": spec.mode,
         "images": len(images.paths), "texts": len(texts.texts),
-        "matched": {"pairs": joined.pairs, "images": len(matched_images), "texts": len(matched_text_set)},
-        "unmatched_images": listing(joined.unmatched_images,
-                                    lambda i: {"where": images.where(i), "key": ikeys[i]}, limit),
+        "matched": {"pairs": joined.pairs, "images": len(matched_images), "texts": len(joined.texts)},
+        "unmatched_images": listing(joined.unmatched_images, lambda i: {"where": images.where(i), "key": ikeys[i]}, limit),
         "unmatched_texts": listing(joined.unmatched_texts, lambda t: {"where": texts.where(t), "key": tkeys[t]}, limit),
-        "checks": [p for p, _ in image_checks] + ["empty_text"] + (["too_long"] if "too_long" in dropped else []),
+        "checks": checks_run,
         "dropped": dropped,
         "pii": pii_counts,
         "rows": len(row_text),
-        "columns": [*core, *kept],
+        "columns": dataset["train"].column_names,
         "splits": split_summary,
         "groups_in_several_splits": crossing,
     }
-    if crossing:
-        log.warning("%d group(s) appear in several splits of %s's column %r", crossing, texts.source, spec.split_column)
     return dataset, report
 
 

@@ -1,7 +1,18 @@
 """The aligner's report: what matched, what did not and why, what was scrubbed, how it was split.
 
 A plain JSON-able dict, so that it can be written next to the data set, diffed between runs and read
-without mmtune; `format_summary` turns it into the few lines printed on the terminal.
+without mmtune; `format_summary` turns it into the few lines printed on the terminal. Keys:
+
+- `images_source`, `texts_source`, `key`, `mode`: what was aligned, and how;
+- `images`, `texts`: how many were read; `matched`: `pairs`, `images`, `texts` that share a key;
+- `unmatched_images`, `unmatched_texts`: `count` and the first `examples` (`where`, `key`);
+- `checks`: the checks that ran; `dropped`: per reason (`missing_image`, `unreadable_image`,
+  `duplicate_image`, `empty_text`, `too_long`, and in list mode `no_images_left`) the `count` of
+  images or texts (`unit`) with the problem and the first `examples` (`where`, `detail`);
+- `pii`: replacements per kind (None when scrubbing is off);
+- `rows`: rows written; `columns`: their columns;
+- `splits`: `rows` and distinct `groups` per split; `groups_in_several_splits`: groups found in more
+  than one split (only possible with a source's own split column).
 """
 
 from __future__ import annotations
@@ -73,7 +84,8 @@ def format_summary(report: dict, out: Optional[str] = None) -> str:
     if report.get("pii") is not None:
         lines.append("  pii replaced: " + _join(f"{_n(v)} {k}" for k, v in report["pii"].items()))
     splits = report["splits"]
-    lines.append("  splits: " + ", ".join(f"{s} {_n(v['rows'])} rows / {_n(v['groups'])} groups" for s, v in splits.items()))
+    lines.append("  splits: " + ", ".join(f"{s} {_count(v['rows'], 'row')} / {_count(v['groups'], 'group')}"
+                                          for s, v in splits.items()))
     if report.get("groups_in_several_splits"):
         lines.append(f"  warning: {report['groups_in_several_splits']} group(s) appear in several splits of the source's split column")
     return "\n".join(lines)

@@ -73,14 +73,15 @@ class AlignSpec:
             the text's `key_column` value (a file name or path there counts by its stem; a `.txt`
             file's own stem when `texts` is a folder). `column`: the manifest's `image_key_column`
             equals the text's `key_column`. `regex`: `image_regex` (one capture group) applied to the
-            image file name equals `text_regex` applied to the text key.
+            image file name equals the text key (the `key_column` value, or a `.txt` file's stem),
+            itself passed through `text_regex` when that is set.
         image_column: manifest column with the image path.
         text_column: text table column with the text.
         key_column: text table column with the key (ignored for a `.txt` folder: its file names are
             the keys).
         image_key_column: manifest column with the key for `key: column` (default: `key_column`).
         image_regex: regex with one capture group, for `key: regex`, searched in each image name.
-        text_regex: regex with one capture group searched in each text key (default: `image_regex`).
+        text_regex: regex with one capture group searched in each text key (None: the key as it is).
         regex_on: what a regex sees of a file: its `stem`, or its `path` relative to the folder (as
             written in a manifest).
         mode: `pairs` gives one row per (image, text) pair; `list` gives one row per text with all
@@ -138,7 +139,8 @@ class AlignSpec:
             if not self.image_regex:
                 raise ConfigError("key: regex needs image_regex (a regex with one capture group)")
             compile_key_regex(self.image_regex, "image_regex")
-            compile_key_regex(self.text_regex or self.image_regex, "text_regex")
+            if self.text_regex:
+                compile_key_regex(self.text_regex, "text_regex")
         elif self.image_regex or self.text_regex:
             raise ConfigError(f"image_regex/text_regex are only used with key: regex (key is {self.key!r})")
         for name in ("max_chars", "max_words"):
