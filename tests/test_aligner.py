@@ -223,6 +223,8 @@ def test_pii_scrubber_counts_each_kind_and_leaves_measurements_alone():
     assert scrub(text) == ("Seen [DATE] and on [DATE] and [DATE] by [EMAIL], call [PHONE] or [PHONE]. MRN: [ID], "
                            "accession [ID]. A 3.5 cm mass.")
     assert dict(scrub.counts) == {"email": 1, "date": 3, "phone": 2, "id": 2}
+    not_dates = "13/13/2020, 45/12/2020, Jar 5, 2020, 32 March 2021, 12 14 16 18 mm, version 1.2.3"
+    assert scrub(not_dates) == not_dates and sum(scrub.counts.values()) == 8
 
 
 def test_pii_user_patterns_and_kinds():
