@@ -1,4 +1,4 @@
-"""The `mmtune` command: LightningCLI verbs (fit, validate, test, predict) plus `export`.
+"""The `mmtune` command: LightningCLI verbs (fit, validate, test, predict) plus `export` and `data align`.
 
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
@@ -124,6 +124,16 @@ def _export(argv: list[str]) -> None:
     print(f"[mmtune] exported {args.ckpt_path} -> {out}")
 
 
+def _data(argv: list[str]) -> None:
+    """`mmtune data <verb>`: data tools that run before training (today: `align`)."""
+    if not argv or argv[0] != "align":
+        raise ConfigError(f"mmtune data: unknown command {argv[0] if argv else ''!r}; known: align "
+                          "(mmtune data align --help)")
+    from mmtune.data.align.cli import run
+
+    run(argv[1:])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the `mmtune` console script."""
     from_shell = argv is None
@@ -131,6 +141,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         if argv and argv[0] == "export":
             _export(argv[1:])
+            return
+        if argv and argv[0] == "data":
+            _data(argv[1:])
             return
         MMTuneCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

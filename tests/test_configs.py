@@ -1,5 +1,6 @@
 """Every YAML in configs/ is parsed against the signatures it feeds (tasks, data modules, Trainer,
-strategies): unknown keys, wrong types and unknown class paths fail here, not in a user's run."""
+strategies; `configs/data/` against `mmtune data align`): unknown keys, wrong types and unknown class
+paths fail here, not in a user's run."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from mmtune.cli import MMTuneCLI
+from mmtune.data.align.cli import parse_spec
+from mmtune.errors import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-TASK_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")
+TASK_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("trainer", "data"))
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+ALIGN_CONFIGS = sorted((CONFIGS / "data").glob("*.yaml"))
 
 
 class _Parsed(Exception):
@@ -55,3 +59,18 @@ def test_a_wrong_key_in_a_config_fails(tmp_path):
     bad.write_text((CONFIGS / "classification" / "vit_lora.yaml").read_text().replace("layer_decay", "layer_decays"))
     with pytest.raises(SystemExit):
         parse(bad)
+
+
+@pytest.mark.parametrize("config", ALIGN_CONFIGS, ids=lambda p: p.name)
+def test_align_config_parses(config):
+    spec, out = parse_spec(["--config", str(config)])
+    spec.validate()  # regexes compile with one group, limits and shares are valid
+    assert spec.images and spec.texts and out
+
+
+def test_align_configs_exist_and_a_wrong_key_fails(tmp_path):
+    assert ALIGN_CONFIGS
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ALIGN_CONFIGS[0].read_text().replace("group_column", "group_col"))
+    with pytest.raises(ConfigError, match="group_col"):
+        parse_spec(["--config", str(bad)])
