@@ -300,3 +300,16 @@ def test_memory_options_train(options, vlm_root, caption_file, tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     if options.get("gradient_checkpointing"):
         assert task._raw().is_gradient_checkpointing
+
+
+def test_training_runs_in_train_mode(vlm_root, caption_file, tmp_path):
+    """from_pretrained returns a model in eval mode; adapter and model dropout must be active in fit."""
+    task = _task(tiny_vlm_dir("llava", vlm_root), adapter={"method": "lora", "dropout": 0.1})
+    modes = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append(all(m.training for m in module.net.modules()))
+
+    _trainer(tmp_path, max_steps=2, limit_val_batches=1, callbacks=[Probe()]).fit(task, datamodule=_data(caption_file))
+    assert modes == [True, True]

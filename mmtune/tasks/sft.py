@@ -138,6 +138,7 @@ class CausalLMTask(L.LightningModule):
         if self.net is not None:
             return
         net = load_causal_lm(self.model_spec)
+        net.train()  # from_pretrained returns eval mode; Lightning switches modes only at the top
         gc = bool(self.hparams.gradient_checkpointing)
         if self.model_spec.quantization != "none":
             from peft import prepare_model_for_kbit_training
