@@ -4,7 +4,7 @@ report. It sits before the readers: its output feeds the image-text data modules
 
     from mmtune.data.align import AlignSpec, align_pairs, save_aligned
 
-    dataset, report = align_pairs(AlignSpec(images="scans/", texts="reports.csv", key_column="study_id"))
+    dataset, report = align_pairs(AlignSpec(images="scans/", texts="reports.csv", key_column="image"))
     save_aligned(dataset, report, "data/aligned")
 
 The command line is the same spec: `mmtune data align --images scans/ --texts reports.csv --out DIR`.

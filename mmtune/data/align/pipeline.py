@@ -4,9 +4,11 @@ track of which image and text indices survive."""
 
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, DatasetInfo, Features
@@ -219,6 +221,28 @@ def align_pairs(spec: AlignSpec) -> tuple[DatasetDict, dict]:
         ConfigError: options that cannot work together.
         DataError: unreadable sources, nothing matched, nothing left, or a problem whose policy is `error`.
     """
+    with _cyclic_gc_paused():
+        return _align(spec)
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector (restoring its state after).
+
+    The aligner creates millions of small lists, strings and dicts that hold no reference cycles, so
+    reference counting frees all of them; the cyclic collector would still walk the growing heap
+    again and again as they are allocated, which took a quarter of the time of a million-row join.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _align(spec: AlignSpec) -> tuple[DatasetDict, dict]:
     spec.validate()
     images, texts = _read(spec)
     ikeys, tkeys = _keys(spec, images, texts)
