@@ -313,3 +313,21 @@ def test_training_runs_in_train_mode(vlm_root, caption_file, tmp_path):
 
     _trainer(tmp_path, max_steps=2, limit_val_batches=1, callbacks=[Probe()]).fit(task, datamodule=_data(caption_file))
     assert modes == [True, True]
+
+
+def test_an_answer_that_tokenizes_to_nothing_is_named_or_skipped(vlm_root, tmp_path):
+    """BLIP's BERT normalizer deletes zero-width characters: such an answer leaves nothing to learn."""
+    images = make_images(3, tmp_path / "img")
+    rows = [{"id": f"ok{i}", "image": str(p), "question": "What?", "answer": "a shape"} for i, p in enumerate(images)]
+    rows.append({"id": "invisible", "image": str(images[0]), "question": "What?", "answer": "\u200b"})
+    path = tmp_path / "vqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = _task(tiny_vlm_dir("blip", vlm_root))
+    dm = _data(path, split=(1.0, 0.0, 0.0))
+    dm.setup("fit")
+    with pytest.raises(DataError, match="sample invisible: the answer tokenizes to nothing"):
+        dm.connect(task.encoding)
+    dm = _data(path, split=(1.0, 0.0, 0.0), bad_samples="skip")
+    dm.setup("fit")
+    dm.connect(task.encoding)
+    assert list(dm.skipped) == ["invisible"] and len(dm.prepared["train"]) == 3

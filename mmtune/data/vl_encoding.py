@@ -131,7 +131,7 @@ class ChatEncoding:
             spans[-1] = (spans[-1][0], end + len(self.processor.tokenizer.eos_token))
         prompt = self._render(sample.messages[:-1], add_generation_prompt=True)
         ids, mask = _masked_tokens(self.processor.tokenizer, full, spans, self.add_special)
-        _require_target(sample, mask)
+        _require_target(sample, self.processor.tokenizer)
         return Prepared(sample, full, prompt, ids, mask)
 
     def train_batch(self, items: list[Prepared], images: list[list], max_length: Optional[int]) -> dict:
@@ -163,7 +163,7 @@ class PlainEncoding:
         full = f"{prompt} {target}" if prompt else target
         ids, mask = _masked_tokens(self.processor.tokenizer, full, [(len(full) - len(target), len(full))], True,
                                    label_trailing_special=True)
-        _require_target(sample, mask)
+        _require_target(sample, self.processor.tokenizer)
         return Prepared(sample, full, prompt, ids, mask)
 
     def train_batch(self, items: list[Prepared], images: list[list], max_length: Optional[int]) -> dict:
@@ -196,8 +196,7 @@ class PrefixSuffixEncoding:
                             f"{len(sample.messages)} turns)")
         prompt = " ".join(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text").strip()
         target = sample.messages[1]["content"][0]["text"]
-        ids = self.processor.tokenizer(target, add_special_tokens=False)["input_ids"]
-        _require_target(sample, ids)
+        _require_target(sample, self.processor.tokenizer)
         image_token = getattr(self.processor, "image_token", "<image>")
         return Prepared(sample, target, image_token * len(sample.images) + prompt)
 
@@ -229,7 +228,7 @@ class EncoderDecoderEncoding:
         target = sample.messages[1]["content"][0]["text"]
         tok = self.processor.tokenizer
         ids = tok(target, add_special_tokens=False)["input_ids"]
-        _require_target(sample, ids)
+        _require_target(sample, self.processor.tokenizer)
         if tok.eos_token_id is not None:
             ids = ids + [tok.eos_token_id]
         return Prepared(sample, target, "", ids, [1] * len(ids))
@@ -304,9 +303,15 @@ def _eos_and_pad(processor) -> dict:
     return {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
-def _require_target(sample: VisualConversation, mask_or_ids: list[int]) -> None:
-    if not any(mask_or_ids):
-        raise DataError(f"sample {sample.id}: the answer tokenizes to nothing ({sample.reference[:40]!r})")
+def _require_target(sample: VisualConversation, tokenizer) -> None:
+    """Every assistant reply must keep at least one token of its own (end-of-turn tokens do not count:
+    a reply that the tokenizer's normalizer erases would teach only to stop)."""
+    for message in sample.messages:
+        if message["role"] != "assistant":
+            continue
+        text = " ".join(p["text"] for p in message["content"] if p["type"] == "text")
+        if not tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise DataError(f"sample {sample.id}: the answer tokenizes to nothing ({text[:40]!r})")
 
 
 def _with_labels(enc: dict, items: list[Prepared], image_ids: set[int], max_length: Optional[int]) -> dict:

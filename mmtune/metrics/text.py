@@ -10,7 +10,6 @@ import re
 from collections import defaultdict
 from typing import Optional, Sequence
 
-import torch
 from torchmetrics.text import BLEUScore, CHRFScore
 from torchmetrics.text.rouge import ROUGEScore
 
@@ -61,7 +60,3 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]],
         for kind, values in sorted(by_type.items()):
             out[f"vqa_acc_{kind}"] = sum(values) / len(values)
     return out
-
-
-def as_tensors(values: dict[str, float]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(v) for k, v in values.items()}

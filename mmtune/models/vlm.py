@@ -9,12 +9,11 @@ rates work for any model that follows them, and a model that does not gets a cle
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 from torch import nn
 
-from mmtune.errors import ConfigError, ModelError
+from mmtune.errors import ModelError
 from mmtune.models.hf import _dtype, _offline_error, quantization_config, resolve_hf_ref
 from mmtune.specs import ModelSpec
 
@@ -153,17 +152,3 @@ def image_token_ids(processor, model: nn.Module) -> set[int]:
 
 def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
-
-
-def model_type(model: nn.Module) -> str:
-    return str(getattr(model.config, "model_type", ""))
-
-
-def text_config(model: nn.Module) -> Any:
-    config = model.config
-    return getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
-
-
-def check_trainable_dtype(model: nn.Module) -> None:
-    if any(p.requires_grad and p.dtype in (torch.int8, torch.uint8) for p in model.parameters()):
-        raise ConfigError("quantized weights cannot train; use adapter.method: lora with model.quantization")
