@@ -95,12 +95,9 @@ class ImageTextAlignmentTask(L.LightningModule):
         return self.family.loss if self.hparams.loss == "auto" else self.hparams.loss
 
     def _trainable_only(self) -> bool:
-        mode = self.hparams.checkpoint_weights
-        if mode != "auto":
-            return mode == "trainable"
-        something_frozen = self.adapter_spec.method != "none" or "frozen" in self.adapter_spec.parts.values()
         # a new dual encoder's projection heads start random: they are trainable, hence saved
-        return something_frozen and (self.model_spec.pretrained or bool(self.model_spec.checkpoint))
+        return common.saves_trainable_only(self.hparams.checkpoint_weights, self.adapter_spec,
+                                           self.model_spec.pretrained or bool(self.model_spec.checkpoint))
 
     def _options(self) -> dict:
         return {"pooling": self.hparams.pooling, "embed_dim": self.hparams.embed_dim,

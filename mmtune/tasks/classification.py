@@ -84,12 +84,8 @@ class ImageClassificationTask(L.LightningModule):
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
-        mode = self.hparams.checkpoint_weights
-        if mode != "auto":
-            return mode == "trainable"
-        something_frozen = self.adapter_spec.method != "none" or "frozen" in self.adapter_spec.parts.values()
-        base_reloadable = self.model_spec.pretrained or bool(self.model_spec.checkpoint)
-        return something_frozen and base_reloadable
+        return common.saves_trainable_only(self.hparams.checkpoint_weights, self.adapter_spec,
+                                           self.model_spec.pretrained or bool(self.model_spec.checkpoint))
 
     @property
     def classes(self) -> list[str]:

@@ -18,7 +18,7 @@ from mmtune.adapters import trainable_state_dict
 from mmtune.callbacks import RunSummary, StepSeed
 from mmtune.errors import ModelError
 from mmtune.optim import build_optimizer, build_scheduler, param_groups
-from mmtune.specs import MonitorSpec, OptimizerSpec
+from mmtune.specs import AdapterSpec, MonitorSpec, OptimizerSpec
 
 log = logging.getLogger("mmtune")
 
@@ -50,6 +50,15 @@ class LastCheckpoint(ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return "LastCheckpoint"
+
+
+def saves_trainable_only(mode: str, adapter: AdapterSpec, base_reloadable: bool) -> bool:
+    """Whether checkpoints keep only the weights training changes (`checkpoint_weights`): `auto` does
+    when something is frozen and the frozen base can be reloaded from its source."""
+    if mode != "auto":
+        return mode == "trainable"
+    something_frozen = adapter.method != "none" or "frozen" in adapter.parts.values()
+    return something_frozen and base_reloadable
 
 
 def on_save_checkpoint(module: L.LightningModule, checkpoint: dict, trainable_only: bool) -> None:

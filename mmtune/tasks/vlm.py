@@ -126,11 +126,7 @@ class VisionLanguageTask(L.LightningModule):
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
-        mode = self.hparams.checkpoint_weights
-        if mode != "auto":
-            return mode == "trainable"
-        something_frozen = self.adapter_spec.method != "none" or "frozen" in self.adapter_spec.parts.values()
-        return something_frozen and self.model_spec.pretrained
+        return common.saves_trainable_only(self.hparams.checkpoint_weights, self.adapter_spec, self.model_spec.pretrained)
 
     def configure_model(self) -> None:
         if self.net is not None:
