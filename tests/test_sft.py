@@ -18,7 +18,8 @@ from mmtune.errors import ConfigError, DataError
 from mmtune.models.hf import load_tokenizer
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec
 from mmtune.tasks.common import load_task
-from mmtune.tasks.sft import CausalLMTask, causal_lm_loss
+from mmtune.losses.tokens import token_loss
+from mmtune.tasks.sft import CausalLMTask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -253,8 +254,9 @@ def _per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.
     return [row[lab != IGNORE] for row, lab in zip(losses, labels[:, 1:])]
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_a_packed_batch_gives_the_same_per_token_loss_as_unpacked(tmp_path, tiny_lms, attn):
+def test_a_packed_batch_gives_the_same_per_token_loss_as_unpacked(tmp_path, tiny_lms, attn, kind):
     from mmtune.data.text import Collator, pack
     from mmtune.models.hf import load_causal_lm
 
@@ -262,9 +264,9 @@ def test_a_packed_batch_gives_the_same_per_token_loss_as_unpacked(tmp_path, tiny
     for i, row in enumerate(rows):  # mixed lengths
         row["output"] = " ".join([row["input"]] * (1 + i % 5))
     dm = _data(write_jsonl(tmp_path / "mixed.jsonl", rows), max_length=96)
-    dm.connect(_tok(tiny_lms))
+    dm.connect(_tok(tiny_lms, kind))
     items = dm.tokenized["train"]
-    model = load_causal_lm(ModelSpec(name=str(tiny_lms["llama"]), kwargs={"attn_implementation": attn})).eval()
+    model = load_causal_lm(ModelSpec(name=str(tiny_lms[kind]), kwargs={"attn_implementation": attn})).eval()
     assert model.config._attn_implementation == attn
     bins = pack([len(x) for x in items], 96)
     assert len(bins) < len(items) / 2 and all(sum(len(items[i]) for i in b) <= 96 for b in bins)
@@ -314,6 +316,60 @@ def test_packing_refuses_attention_that_would_cross_samples(tmp_path, tiny_lms, 
         task.check_packing_support(packing=True)
 
 
+def test_unshuffled_training_keeps_the_file_order(tmp_path, tiny_lms):
+    rows = repeat_rows(10, seed=4)
+    dm = _data(write_jsonl(tmp_path / "ordered.jsonl", rows), shuffle=False, batch_size=4)
+    dm.connect(_tok(tiny_lms))
+    order = [i for _, i in dm.train_dataloader().sampler]
+    assert order == list(range(10))
+    shuffled = _data(write_jsonl(tmp_path / "ordered.jsonl", rows), batch_size=4)
+    shuffled.connect(_tok(tiny_lms))
+    assert sorted(i for _, i in shuffled.train_dataloader().sampler) == order != [i for _, i in shuffled.train_dataloader().sampler]
+
+
+@pytest.mark.slow
+def test_ddp_fit_matches_one_process_on_the_same_global_batch(tmp_path, tiny_lms):
+    """Two CPU processes (DDP preset, 2 rows each) against one (4 rows) through `mmtune fit`, on answers
+    of 1 to 8 words: the loss is the per-token mean over the global batch however the tokens fall
+    between processes, so the logged losses and the trained weights agree."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from conftest import only_version
+
+    rows = repeat_rows(24, seed=5)
+    for i, row in enumerate(rows):
+        row["output"] = " ".join([row["input"]] * (1 + (i * 5) % 8))
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", repeat_rows(8, seed=6))
+    preset = Path(__file__).parent.parent / "configs" / "trainer" / "ddp.yaml"
+
+    def fit(name: str, devices: int, batch_size: int) -> Path:
+        cfg = sft_config(tmp_path / f"{name}.yaml", tiny_lms["qwen2"],
+                         {"path": str(train), "val_path": str(val), "split": [1.0, 0.0, 0.0], "batch_size": batch_size},
+                         trainer={"max_epochs": 1, "log_every_n_steps": 1})
+        done = subprocess.run([sys.executable, "-m", "mmtune", "fit", "--config", str(preset), "--config", str(cfg),
+                               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                               "--trainer.precision", "32-true", "--runs_dir", str(tmp_path / "runs"), "--run_name", name],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-4000:]
+        return only_version(tmp_path / "runs", name)
+
+    runs = {"ddp": fit("ddp", 2, 2), "one": fit("one", 1, 4)}
+    losses = {name: [float(r["train/loss"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/loss")]
+              for name, run in runs.items()}
+    assert len(losses["ddp"]) == len(losses["one"]) == 6  # 24 rows, 4 a step
+    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-4), losses
+    weights = {name: torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+               for name, run in runs.items()}
+    assert weights["ddp"].keys() == weights["one"].keys()
+    for key, value in weights["one"].items():
+        assert torch.allclose(weights["ddp"][key], value, atol=1e-4), key
+
+
 # ---- QLoRA ------------------------------------------------------------------------------------------------------
 def test_qlora_trains_a_4bit_base_and_exports_merged_full_precision(tmp_path, tiny_lms, repeat_data):
     pytest.importorskip("bitsandbytes")
@@ -341,7 +397,7 @@ def test_qlora_trains_a_4bit_base_and_exports_merged_full_precision(tmp_path, ti
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
-        total, count = causal_lm_loss(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        total, count = token_loss(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                       batch["labels"])
     # the merged full-precision model keeps what was learned (NF4 rounding of the base aside)
     assert float(total / count) < 0.8 * before, (float(total / count), before, after)

@@ -17,7 +17,8 @@ from torch.utils.data import DistributedSampler
 
 
 class EpochSampler(DistributedSampler):
-    """Shuffled (or class-balanced, with `weights`) sampling, seeded by (seed, epoch), sharded by rank.
+    """Shuffled (or class-balanced, with `weights`) sampling, seeded by (seed, epoch), sharded by rank;
+    with `shuffle=False` the data's own order (curricula, or matching another tool's run step by step).
 
     It subclasses `DistributedSampler` so Lightning calls `set_epoch` on it and does not wrap it
     again under DDP; on one process it is an ordinary seeded shuffle.
@@ -28,11 +29,13 @@ class EpochSampler(DistributedSampler):
         weights: per-item sampling weights; draws `length` items with replacement when given.
         num_replicas: world size (1 without distributed training).
         rank: this process's rank.
+        shuffle: False keeps the data's order (ignored with `weights`, which always draw at random).
     """
 
     def __init__(self, length: int, seed: int, weights: Optional[Sequence[float]] = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+                 num_replicas: int = 1, rank: int = 0, shuffle: bool = True) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=False)
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

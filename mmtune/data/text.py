@@ -458,6 +458,7 @@ class TextData(L.LightningDataModule):
         predict_path: prompts to generate for (`prompt`, `instruction` or `messages` rows).
         split: train/val/test shares of `path` when no separate val/test files are given.
         seed: split, subsampling and shuffle seed.
+        shuffle: reshuffle the training rows every epoch; False keeps the file's order (curricula).
         assistant_only_loss: loss on assistant tokens only; False trains on every token.
         max_length: longest sample in tokens (and the row length when packing).
         overlong: a longer sample is `truncate`d or `drop`ped; either way it is counted and reported.
@@ -478,6 +479,7 @@ class TextData(L.LightningDataModule):
         predict_path: Optional[str] = None,
         split: tuple[float, float, float] = (0.9, 0.1, 0.0),
         seed: int = 42,
+        shuffle: bool = True,
         assistant_only_loss: bool = True,
         max_length: int = 1024,
         overlong: Literal["truncate", "drop"] = "truncate",
@@ -493,6 +495,7 @@ class TextData(L.LightningDataModule):
         self.fields = fields if isinstance(fields, TextFields) else TextFields(**fields)
         self.split_ratios = tuple(split)
         self.seed = seed
+        self.shuffle = shuffle
         self.assistant_only_loss = assistant_only_loss
         if max_length < 2:
             raise ConfigError(f"data.max_length must be at least 2, got {max_length}")
@@ -616,7 +619,7 @@ class TextData(L.LightningDataModule):
         world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        sampler = EpochSampler(len(dataset), self.seed, None, world, rank)
+        sampler = EpochSampler(len(dataset), self.seed, None, world, rank, self.shuffle)
         return self._loader(dataset, self.batch_size, self._collator(self.packing), sampler=sampler)
 
     def _collator(self, packed: bool):

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
-from mmtune.data.text import IGNORE, Conversation, PromptCollator, prompt_conversation
+from mmtune.data.text import Conversation, PromptCollator, prompt_conversation
 from mmtune.errors import ConfigError
+from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.models.hf import decoder_layers, lm_parts, load_causal_lm, load_tokenizer, resolve_hf_ref, stop_token_ids
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
@@ -44,14 +43,6 @@ class GenerationSpec:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross entropy over labeled tokens, and their count (float32 logits)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return total, (shift_labels != IGNORE).sum()
 
 
 class CausalLMTask(L.LightningModule):
@@ -170,20 +161,14 @@ class CausalLMTask(L.LightningModule):
         # that keeps attention inside each sample of a packed row.
         return self.net(**inputs, use_cache=False).logits
 
-    def loss_terms(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Named loss terms (`ce`: mean next-token cross entropy over labeled tokens) and the token count."""
-        total, count = causal_lm_loss(self(batch), batch["labels"])
-        return {"ce": total / count.clamp(min=1)}, count
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms, count = self.loss_terms(batch)
-        loss = sum(terms.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        loss, mean = global_token_mean(*token_loss(self(batch), batch["labels"]))
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["input_ids"]))
         self.log("train/tokens", batch["num_tokens"].float(), reduce_fx="sum", batch_size=1)
         return loss
 
     def _eval_step(self, batch: dict) -> None:
-        total, count = causal_lm_loss(self(batch), batch["labels"])
+        total, count = token_loss(self(batch), batch["labels"])
         self._eval_sums[0] += float(total)
         self._eval_sums[1] += int(count)
 

@@ -10,13 +10,13 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
 from mmtune.data.text import IGNORE
 from mmtune.data.vl_encoding import build_encoding
 from mmtune.errors import ConfigError
+from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import resolve_hf_ref
 from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
@@ -53,16 +53,6 @@ class DecodingSpec:
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         return kwargs
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross entropy over labeled tokens (float32 logits), and their count. Decoder-only models
-    predict the next token (`shift`); an encoder-decoder's logits line up with its labels."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                            reduction="sum")
-    return total, (labels != IGNORE).sum()
 
 
 class VisionLanguageTask(L.LightningModule):
@@ -209,10 +199,10 @@ class VisionLanguageTask(L.LightningModule):
         return sum((p.sum() * 0.0 for p in self._vision_side), torch.zeros((), device=self.device))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = self.loss_sums(batch)
-        loss = total / count.clamp(min=1) + self._unused_trainable_guard()
+        loss, mean = global_token_mean(*self.loss_sums(batch))
+        loss = loss + self._unused_trainable_guard()
         size = len(batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", mean, prog_bar=True, batch_size=size)
         self.log("train/truncated", float(batch.get("truncated", 0)), reduce_fx="sum", batch_size=1)
         return loss
 
