@@ -154,6 +154,61 @@ def test_bad_pairs_stop_or_skip(tmp_path):
     assert sum(len(v) for v in dm.splits.values()) == 16 and len(dm.skipped) == 3
 
 
+def test_the_aligner_output_feeds_the_pair_data(tmp_path):
+    """`mmtune data align` output is read as it is: its parts are the splits, its group column keeps
+    patients apart, and a multi-view study (`mode: list`) gives one pair per view."""
+    from mmtune.data.align import AlignSpec, align_pairs, save_aligned
+    from mmtune.data.pairs import ImageTextPairData
+
+    images = tmp_path / "images"
+    make_pair_set(images, per_kind=4)  # 32 images
+    texts = tmp_path / "reports.csv"
+    with texts.open("w") as f:  # one report per study of two views (`<study>_<view>.png`)
+        f.write("study,text,patient\n")
+        for i, png in enumerate(sorted(images.glob("*.png"))):
+            png.rename(images / f"s{i // 2:02d}_{'ab'[i % 2]}.png")
+        for study in range(16):
+            f.write(f"s{study:02d},report of study {study % 8},p{study // 2}\n")
+    spec = AlignSpec(images=str(images), texts=str(texts), key="regex", image_regex=r"^(s\d+)_", key_column="study",
+                     group_column="patient", mode="list", split=(0.5, 0.25, 0.25), check_duplicates=False)
+    dataset, report = align_pairs(spec)
+    save_aligned(dataset, report, str(tmp_path / "aligned"))
+
+    dm = ImageTextPairData(path=str(tmp_path / "aligned"), group_column="group", num_workers=0)
+    dm.setup("fit")
+    assert sum(len(v) for v in dm.splits.values()) == 32  # 16 studies x 2 views
+    for name in ("train", "val", "test"):
+        assert len(dm.splits[name]) == 2 * dataset[name].num_rows
+        assert {p.group for p in dm.splits[name]} == set(dataset[name]["group"])
+    first = dm.splits["train"][0]
+    assert first.origin.endswith("[train] row 0 image 0") and Path(first.path).is_file()
+    assert {p.group for p in dm.splits["train"]}.isdisjoint(p.group for p in dm.splits["test"])
+
+
+def test_training_pairs_are_augmented_reproducibly(tmp_path, clip_dir, pairs):
+    from mmtune.data.pairs import ImageTextPairData
+    from mmtune.models.aligners import ALIGNERS
+    from mmtune.specs import ModelSpec
+
+    _, preprocess, _ = ALIGNERS.get("clip").build(ModelSpec(name=str(clip_dir)), None, {})
+
+    def loaders(**kwargs):
+        dm = ImageTextPairData(path=str(pairs), num_workers=0, split=(0.5, 0.25, 0.25), **kwargs)
+        dm.setup("fit"), dm.connect(preprocess)
+        return dm.train_dataloader().dataset, dm.val_dataloader().dataset
+
+    train, val = loaders(augment={"scale": (0.3, 0.6), "hflip": 0.0})
+    first = train[(0, 3)]["pixels"]
+    assert torch.equal(first, train[(0, 3)]["pixels"])  # seeded by (seed, epoch, index): same on every rank
+    assert not torch.equal(first, train[(1, 3)]["pixels"])  # a new crop each epoch
+    assert first.shape == val[3]["pixels"].shape == (3, 32, 32)
+    from PIL import Image
+
+    assert torch.equal(val[3]["pixels"], preprocess.image(Image.open(val.pairs[3].path).convert("RGB")))
+    plain, _ = loaders(augment={"enabled": False})
+    assert torch.equal(plain[(0, 3)]["pixels"], plain[(1, 3)]["pixels"])
+
+
 # ---- runs through the CLI ---------------------------------------------------------------------------
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
@@ -253,6 +308,42 @@ def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
         grads = grads_of(proj1, scale, bias)
         assert two[name][0].item() == pytest.approx(loss.item(), abs=1e-5), name
         assert torch.allclose(two[name][1], grads, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_lightning_ddp_fit_matches_one_process_on_the_same_global_batch(tmp_path, clip_dir, pairs):
+    """Two CPU processes (DDP preset, 4 pairs each) against one process (8 pairs) through `mmtune fit`:
+    each step sees the same 8 pairs, so the logged losses and the trained weights agree."""
+    import csv
+    import subprocess
+    import sys
+
+    def fit(name: str, devices: int, batch_size: int) -> Path:
+        cfg = align_config(tmp_path / f"{name}.yaml", clip_dir, pairs, data_args={"batch_size": batch_size},
+                           model_args={"adapter": {"method": "lora", "r": 4}},
+                           trainer={"max_epochs": 2, "log_every_n_steps": 1})
+        preset = Path(__file__).parent.parent / "configs" / "trainer" / "ddp.yaml"
+        done = subprocess.run([sys.executable, "-m", "mmtune", "fit", "--config", str(preset), "--config", str(cfg),
+                               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                               "--trainer.precision", "32-true", "--runs_dir", str(tmp_path / "runs"),
+                               "--run_name", name], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-4000:]
+        return only_version(tmp_path / "runs", name)
+
+    runs = {"ddp": fit("ddp", 2, 4), "one": fit("one", 1, 8)}
+    losses = {}
+    for name, run in runs.items():
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        losses[name] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses["ddp"]) == len(losses["one"]) == 8  # 32 training pairs, 8 a step, 2 epochs
+    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-4), losses
+    weights = {name: torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+               for name, run in runs.items()}
+    assert weights["ddp"].keys() == weights["one"].keys()
+    for key, value in weights["one"].items():
+        assert torch.allclose(weights["ddp"][key], value, atol=1e-4), key
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights["one"].items())  # it did train
 
 
 # ---- dual encoder ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Image-text pairs from a CSV/JSONL manifest: checked, split by group, tokenized in the collate.
+"""Image-text pairs from a CSV/JSONL manifest or the pair aligner's output folder (`mmtune data
+align`): checked, split by group, augmented for training, tokenized in the collate.
 
 Every row is checked before training: an empty text or a missing/unreadable image either stops the run
 (`bad_pairs: error`, listing file and row) or drops the row (`bad_pairs: skip`, listed with reasons in
@@ -15,15 +16,16 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmtune.data.images import find_unreadable, load_image
-from mmtune.data.readers import _rows
-from mmtune.data.samplers import EpochSampler
+from mmtune.data.readers import _rows, read_saved_dataset
+from mmtune.data.samplers import EpochSampler, seed_everything_from
+from mmtune.data.transforms import AugmentSpec, build_transform
 from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
 from mmtune.errors import DataError
 
@@ -61,28 +63,46 @@ def normalize_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _manifest_rows(path: Path) -> Iterator[tuple[str, dict, Optional[str]]]:
+    """(origin, row, split) of a manifest file, or of a DatasetDict folder written by `mmtune data align`
+    (its parts give the split; a study of several images, `mode: list`, gives one pair per image)."""
+    if path.is_dir():
+        rows, origins, splits = read_saved_dataset(path)
+        for row, origin, split in zip(rows, origins, splits):
+            images = row.get("image")
+            if isinstance(images, list):
+                for k, image in enumerate(images):
+                    yield f"{origin} image {k}", {**row, "image": image}, split
+            else:
+                yield origin, row, split
+        return
+    where = "row" if path.suffix.lower() in (".csv", ".tsv") else "line"
+    for line, row in _rows(path):
+        yield f"{path} {where} {line}", row, None
+
+
 def read_pairs(source: str, image_column: str = "image", text_column: str = "text", split_column: str = "split",
                group_column: Optional[str] = None, label_column: Optional[str] = None) -> tuple[list[ImageText], dict[str, str]]:
-    """Reads a manifest (paths relative to it) into pairs, plus {origin: reason} for bad rows.
+    """Reads a manifest (paths relative to it) or an aligner output folder into pairs, plus
+    {origin: reason} for bad rows.
 
     Raises:
-        DataError: the manifest is missing or has no rows, a row lacks the image column, or a split is unknown.
+        DataError: the source is missing or has no rows, a row lacks the image column, or a split is unknown.
     """
     path = Path(source).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"pair manifest not found: {path}")
-    where = "row" if path.suffix.lower() in (".csv", ".tsv") else "line"
+    root = path if path.is_dir() else path.parent
     pairs, bad = [], {}
-    for line, row in _rows(path):
-        origin = f"{path} {where} {line}"
+    for origin, row, folder_split in _manifest_rows(path):
         if not isinstance(row, dict) or image_column not in row:
             raise DataError(f"{origin}: no {image_column!r} column (columns: {list(row) if isinstance(row, dict) else row})")
         if text_column not in row:
             raise DataError(f"{origin}: no {text_column!r} column (columns: {list(row)})")
         image = Path(str(row[image_column] or "")).expanduser()
-        image = image if image.is_absolute() else path.parent / image
+        image = image if image.is_absolute() else root / image
         text = str(row[text_column] or "").strip()
-        split = row.get(split_column)
+        split = folder_split or row.get(split_column)
         if split not in (None, ""):
             if str(split).lower() not in SPLIT_ALIASES:
                 raise DataError(f"{origin}: unknown split {split!r} (use train, val or test)")
@@ -108,16 +128,24 @@ def read_pairs(source: str, image_column: str = "image", text_column: str = "tex
 
 class PairDataset(Dataset):
     """Pairs -> {"pixels", "text", "image_key", "text_key", "index"[, "label"]}; texts are tokenized
-    per batch in the collate (padding to the longest text of the batch)."""
+    per batch in the collate (padding to the longest text of the batch).
 
-    def __init__(self, pairs: list[ImageText], transform, channels: int = 3) -> None:
-        self.pairs, self.transform, self.channels = pairs, transform, channels
+    Training keys are (epoch, index) from `EpochSampler`: each sample's augmentation is seeded by
+    (seed, epoch, index), so it is the same on any number of processes and after a resume.
+    """
+
+    def __init__(self, pairs: list[ImageText], transform, channels: int = 3, seed: int = 0) -> None:
+        self.pairs, self.transform, self.channels, self.seed = pairs, transform, channels, seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, key) -> dict:
-        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) from EpochSampler
+        if isinstance(key, tuple):
+            epoch, i = key
+            seed_everything_from(self.seed, epoch, i)
+        else:
+            i = key
         p = self.pairs[i]
         return {"pixels": self.transform(load_image(p.path, self.channels)), "text": p.text, "index": i,
                 "image_key": stable_key(str(Path(p.path).resolve())), "text_key": stable_key(normalize_text(p.text)),
@@ -148,7 +176,8 @@ class ImageTextPairData(L.LightningDataModule):
 
     Args:
         path: a manifest (`.csv/.tsv/.jsonl/.json`) with an image path (relative to the manifest) and a
-            text per row, optionally a split, a group and a label.
+            text per row, optionally a split, a group and a label; or the folder `mmtune data align`
+            wrote (its train/val/test parts are the splits, `group` its group column).
         val_path: a separate validation manifest (otherwise split from `path`).
         test_path: a separate test manifest (otherwise split from `path`).
         split: train/val/test shares for rows without a split.
@@ -161,6 +190,9 @@ class ImageTextPairData(L.LightningDataModule):
         bad_pairs: `error` stops at setup listing every pair with an empty text or a missing or
             unreadable image; `skip` drops them and lists them in `skipped_pairs.csv`.
         verify_images: decode every image at setup (finds corrupt files before training).
+        augment: training augmentation, built from the model's input size and normalization. The
+            default is open_clip's (a random resized crop of 90-100% of the area, no flip: captions
+            and reports say "left" and "right"); `enabled: false` trains on the evaluation transform.
         batch_size: training pairs per device (the loss sees batch_size * devices pairs).
         eval_batch_size: evaluation chunk size (default: `batch_size`).
         num_workers: data loading processes.
@@ -180,6 +212,7 @@ class ImageTextPairData(L.LightningDataModule):
         label_column: Optional[str] = None,
         bad_pairs: Literal["error", "skip"] = "error",
         verify_images: bool = True,
+        augment: AugmentSpec = AugmentSpec(scale=(0.9, 1.0), hflip=0.0),
         batch_size: int = 32,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 2,
@@ -192,6 +225,7 @@ class ImageTextPairData(L.LightningDataModule):
                             group_column=group_column, label_column=label_column)
         self.bad_pairs = bad_pairs
         self.verify_images = verify_images
+        self.augment = augment if isinstance(augment, AugmentSpec) else AugmentSpec(**augment)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -264,13 +298,22 @@ class ImageTextPairData(L.LightningDataModule):
         """Sorted class names found in the label column (zero-shot classes), over all splits."""
         return sorted({p.label for rows in self.splits.values() for p in rows if p.label})
 
+    def train_transform(self):
+        """The augmented transform for training; the model's own transform when augmentation is off or
+        the model gives no input config."""
+        config = self.preprocess.image_config
+        if not self.augment.enabled or config is None:
+            return self.preprocess.image
+        return build_transform(config, True, self.augment)
+
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
         if self.preprocess is None:
             raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
         pairs = self.splits.get(split) or []
         if not pairs:
             raise DataError(f"the {split} split is empty (source: {self.path}); add pairs or adjust data.split")
-        dataset = PairDataset(pairs, self.preprocess.image, self.preprocess.channels)
+        transform = self.train_transform() if split == "train" else self.preprocess.image
+        dataset = PairDataset(pairs, transform, self.preprocess.channels, self.seed)
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, collate_fn=PairCollate(self.preprocess.text),
                           pin_memory=torch.cuda.is_available(), **kwargs)

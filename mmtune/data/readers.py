@@ -128,3 +128,25 @@ def read_image_labels(source: str, columns: ManifestColumns = ManifestColumns(),
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         raise DataError(f"{len(missing)} image file(s) are missing: {shown}{more}")
     return samples
+
+
+def read_saved_dataset(folder: Path) -> tuple[list[dict], list[str], list[Optional[str]]]:
+    """Rows of a `datasets` DatasetDict (or Dataset) saved with `save_to_disk`, e.g. by `mmtune data align`,
+    with an origin (`folder[train] row 3`) and the split its part names (None for a plain Dataset)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{folder}: not a dataset written by save_to_disk ({err})") from None
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    rows, origins, splits = [], [], []
+    for name, ds in parts:
+        split = SPLIT_ALIASES.get(str(name).lower()) if name is not None else None
+        if name is not None and split is None:
+            raise DataError(f"{folder}: unknown split {name!r} (use train, val or test)")
+        for i, row in enumerate(ds.to_list()):
+            rows.append(row)
+            origins.append(f"{folder}[{name}] row {i}" if name else f"{folder} row {i}")
+            splits.append(split)
+    return rows, origins, splits

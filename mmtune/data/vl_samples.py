@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from mmtune.data.readers import read_saved_dataset
 from mmtune.data.splits import SPLIT_ALIASES
 from mmtune.data.text import ROLE_ALIASES, _load_rows
 from mmtune.errors import ConfigError, DataError
@@ -237,7 +238,7 @@ def read_visual_source(path: str, fmt: VisualFormat, fields: VisualFields, image
     """
     source = Path(path).expanduser()
     if source.is_dir():
-        rows, origins, split_of = _read_dataset_dict(source)
+        rows, origins, split_of = read_saved_dataset(source)
     else:
         rows, origins = _load_rows(source)
         split_of = [None] * len(rows)
@@ -254,24 +255,3 @@ def read_visual_source(path: str, fmt: VisualFormat, fields: VisualFields, image
         sample.split = sample.split or split
         out.append(sample)
     return out
-
-
-def _read_dataset_dict(folder: Path) -> tuple[list[dict], list[str], list[Optional[str]]]:
-    """Rows of a `datasets` DatasetDict (or Dataset) saved with `save_to_disk`, e.g. by the aligner."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"{folder}: not a dataset written by save_to_disk ({err})") from None
-    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
-    rows, origins, splits = [], [], []
-    for name, ds in parts:
-        split = SPLIT_ALIASES.get(str(name).lower()) if name is not None else None
-        if name is not None and split is None:
-            raise DataError(f"{folder}: unknown split {name!r} (use train, val or test)")
-        for i, row in enumerate(ds.to_list()):
-            rows.append(row)
-            origins.append(f"{folder}[{name}] row {i}" if name else f"{folder} row {i}")
-            splits.append(split)
-    return rows, origins, splits

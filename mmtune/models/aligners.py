@@ -33,11 +33,26 @@ class Preprocess:
         image: PIL image -> [C, H, W] tensor (None for text-only encoders).
         text: list of strings -> dict of tensors (`input_ids`, `attention_mask`).
         channels: image channels the model expects.
+        image_config: timm-style data config of the image input (`input_size`, `mean`, `std`,
+            `interpolation`), from which the data module builds its augmented training transform.
     """
 
     image: Optional[Callable[[Any], torch.Tensor]]
     text: Callable[[list[str]], dict[str, torch.Tensor]]
     channels: int = 3
+    image_config: Optional[dict] = None
+
+
+def image_processor_config(image_processor) -> dict:
+    """A transformers image processor's input size and normalization as a timm data config, so CLIP and
+    SigLIP pairs train with the same augmentation code as timm backbones."""
+    size = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
+    size = size or image_processor.size
+    size = dict(size) if not isinstance(size, int) else {"height": size, "width": size}
+    side = size.get("shortest_edge")
+    height, width = (side, side) if side else (size["height"], size["width"])
+    return {"input_size": (3, int(height), int(width)), "mean": tuple(image_processor.image_mean),
+            "std": tuple(image_processor.image_std), "interpolation": "bicubic", "crop_pct": 1.0}
 
 
 @dataclass
@@ -144,7 +159,8 @@ def _build_transformers(pad_to_max: bool, has_bias: bool):
             raise ModelError(f"cannot load {spec.name!r} offline: {err}") from None
         max_len = options.get("max_text_length") or model.config.text_config.max_position_embeddings
         preprocess = Preprocess(_ImageProcessorTransform(processor.image_processor),
-                                _Tokenize(processor.tokenizer, max_len, pad_to_max))
+                                _Tokenize(processor.tokenizer, max_len, pad_to_max),
+                                image_config=image_processor_config(processor.image_processor))
         return TransformersAligner(model, has_bias), preprocess, processor
 
     return build

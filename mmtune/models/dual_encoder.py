@@ -105,7 +105,7 @@ def build_dual_encoder(spec: ModelSpec, text_model: Optional[ModelSpec], options
     max_len = options.get("max_text_length") or min(tokenizer.model_max_length, text.config.max_position_embeddings)
     data_config = clf.data_config
     preprocess = Preprocess(build_transform(data_config, False, AugmentSpec()), _Tokenize(tokenizer, max_len, False),
-                            channels=data_config["input_size"][0])
+                            channels=data_config["input_size"][0], image_config=dict(data_config))
     return module, preprocess, {"tokenizer": tokenizer, "embed_dim": embed_dim, "pooling": pooling, "sigmoid": sigmoid}
 
 

@@ -165,7 +165,8 @@ class ImageTextAlignmentTask(L.LightningModule):
         n = len(image)
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=n)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        # each process's loss covers its own rows against the global batch; their mean is the global loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/logit_scale", self._raw().logit_scale.detach().exp(), batch_size=n)
         return loss
 
