@@ -5,7 +5,13 @@ size and number of steps; each side with and without packing. Reports trained to
 (non-padding tokens seen by the model / wall time of the training call) and the final validation loss,
 computed for every run by the same code (mmtune's tokenization, per-token loss on assistant tokens).
 
-    python tools/bench_sft.py --steps 30            # tiny Llama built here, offline
+So that the final losses can be compared run against run, both sides see the same training rows in
+the same order (shuffled once here per seed of `--seeds`, then read in order: `shuffle: false` in mmtune,
+`train_sampling_strategy="sequential"` in TRL), start from the same LoRA weights (the global seed is
+set right before the adapters are injected; the script checks that the initial weights match) and
+clip gradients at the same norm (1.0, TRL's default).
+
+    python tools/bench_sft.py --steps 100 --seeds 0 1 2   # tiny Llama built here, offline
     python tools/bench_sft.py --model path/to/model_or.gguf --steps 30
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,7 +72,7 @@ def tiny_model(root: Path) -> Path:
 def val_loss(model, tokenizer, val_rows: list[dict], max_length: int) -> float:
     """Per-token loss on assistant tokens, the same code for every run."""
     from mmtune.data.text import Collator, Conversation, tokenize_conversation
-    from mmtune.tasks.sft import causal_lm_loss
+    from mmtune.losses.tokens import token_loss
 
     items = [tokenize_conversation(tokenizer, Conversation(r["messages"], f"val {i}"), True) for i, r in enumerate(val_rows)]
     items = [type(x)(x.input_ids[:max_length], x.labels[:max_length]) for x in items]
@@ -76,7 +83,7 @@ def val_loss(model, tokenizer, val_rows: list[dict], max_length: int) -> float:
         for start in range(0, len(items), 16):
             batch = collate([[x] for x in items[start:start + 16]])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            t, c = causal_lm_loss(logits, batch["labels"])
+            t, c = token_loss(logits, batch["labels"])
             total, count = total + float(t), count + int(c)
     return total / count
 
@@ -88,6 +95,12 @@ def token_counter():
 
     class Counter(L.Callback):
         tokens, start, seconds = 0, 0.0, 0.0
+
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
 
         def on_train_start(self, trainer, module):
             self.start = time.perf_counter()
@@ -101,51 +114,62 @@ def token_counter():
     return Counter()
 
 
+def lora_fingerprint(model) -> float:
+    """A checksum of the adapter weights (LoRA A is random at initialization, B is zero)."""
+    return float(sum(p.double().abs().sum() * (i + 1) for i, (n, p) in
+                     enumerate(sorted(model.named_parameters())) if "lora_" in n))
+
+
 def run_mmtune(model_dir: str, train: Path, val_rows: list[dict], args, packing: bool) -> dict:
     import lightning as L
 
     from mmtune import AdapterSpec, CausalLMTask, ModelSpec, MonitorSpec, OptimizerSpec, TextData
 
-    torch.manual_seed(0)
     task = CausalLMTask(ModelSpec(name=model_dir), AdapterSpec(method="lora", r=16, alpha=32),
-                        OptimizerSpec(lr=args.lr, warmup=0, weight_decay=0.0, schedule="constant"),
+                        OptimizerSpec(lr=args.lr, warmup=0, weight_decay=0.0, schedule=args.schedule),
                         MonitorSpec(early_stopping=False, save_best=False, save_last=False))
+    torch.manual_seed(args.seed)
+    task.configure_model()  # builds and injects now, right after the seed (the Trainer then reuses it)
+    init = lora_fingerprint(task.net)
     dm = TextData(path=str(train), split=(1.0, 0.0, 0.0), max_length=args.max_length, batch_size=args.batch_size,
-                  packing=packing)
+                  packing=packing, shuffle=False)
     counter = token_counter()
     trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[counter], default_root_dir=tempfile.mkdtemp())
+                        gradient_clip_val=1.0, callbacks=[counter], default_root_dir=tempfile.mkdtemp())
     trainer.fit(task, datamodule=dm)
     seconds = counter.seconds
-    return {"tokens": counter.tokens, "seconds": seconds, "tokens_per_s": counter.tokens / seconds,
+    return {"tokens": counter.tokens, "seconds": seconds, "tokens_per_s": counter.tokens / seconds, "lora_init": init,
+            "train_losses": counter.losses,
             "val_loss": val_loss(task.net, task.tokenizer, val_rows, args.max_length)}
 
 
 def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, packing: bool) -> dict:
     import datasets
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from mmtune.models.hf import load_tokenizer
     from mmtune.specs import ModelSpec
 
-    torch.manual_seed(0)
     tokenizer = load_tokenizer(ModelSpec(name=model_dir))  # the same template as mmtune uses
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    init = lora_fingerprint(model)
     out = tempfile.mkdtemp()
     cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                    learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    learning_rate=args.lr, lr_scheduler_type=args.schedule, warmup_steps=0, weight_decay=0.0,
                     max_length=args.max_length, packing=packing, assistant_only_loss=True, logging_steps=1,
-                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
-                    disable_tqdm=True)
+                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=args.seed,
+                    disable_tqdm=True, max_grad_norm=1.0, train_sampling_strategy="sequential")
 
     class Tokens(TrainerCallback):
         """TRL's own count of non-padding tokens, and the training loop's time."""
 
         def __init__(self):
-            self.last, self.start, self.seconds = 0, 0.0, 0.0
+            self.last, self.start, self.seconds, self.losses = 0, 0.0, 0.0, []
 
         def on_train_begin(self, a, state, control, **kw):
             self.start = time.perf_counter()
@@ -155,14 +179,16 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
 
         def on_log(self, a, state, control, logs=None, **kw):
             self.last = (logs or {}).get("num_tokens", self.last)
+            if "loss" in (logs or {}):
+                self.losses.append(float(logs["loss"]))
 
     tokens = Tokens()
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(train_rows),
-                         processing_class=tokenizer, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-                         callbacks=[tokens])
+                         processing_class=tokenizer, callbacks=[tokens])
     trainer.train()
     seconds = tokens.seconds
-    return {"tokens": int(tokens.last), "seconds": seconds, "tokens_per_s": tokens.last / seconds,
+    return {"tokens": int(tokens.last), "seconds": seconds, "tokens_per_s": tokens.last / seconds, "lora_init": init,
+            "train_losses": tokens.losses,
             "val_loss": val_loss(trainer.model, tokenizer, val_rows, args.max_length)}
 
 
@@ -173,28 +199,52 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                        help="lr decay to 0 (the same formula on both sides, no warmup)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per seed (training order and LoRA initialization); medians and means over them")
+    parser.add_argument("--only", choices=["unpacked", "packed"], default=None, help="run one layout only")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp())
     model_dir = args.model or str(tiny_model(root))
-    train_rows, val_rows = make_rows(400, 0), make_rows(48, 1)
-    train = root / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    results = {}
-    for packing in (False, True):
-        key = "packed" if packing else "unpacked"
-        results[f"mmtune_{key}"] = run_mmtune(model_dir, train, val_rows, args, packing)
-        results[f"trl_{key}"] = run_trl(model_dir, train_rows, val_rows, args, packing)
-    base = results["trl_unpacked"]["tokens_per_s"]
-    print(f"{'run':18} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs TRL unpacked':>16} {'val loss':>9}")
-    for name, r in results.items():
-        print(f"{name:18} {r['tokens']:8d} {r['seconds']:8.1f} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base:15.2f}x"
-              f" {r['val_loss']:9.4f}")
+    val_rows = make_rows(48, 1)
+    layouts = [k for k in ("unpacked", "packed") if args.only in (None, k)]
+    runs: dict[str, list[dict]] = {f"{side}_{k}": [] for k in layouts for side in ("mmtune", "trl")}
+    for seed in args.seeds:
+        args.seed = seed
+        train_rows = make_rows(400, 0)
+        random.Random(seed).shuffle(train_rows)  # the one shuffle; both sides then read in this order
+        train = root / f"train_{seed}.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+        for key in layouts:
+            runs[f"mmtune_{key}"].append(run_mmtune(model_dir, train, val_rows, args, key == "packed"))
+            runs[f"trl_{key}"].append(run_trl(model_dir, train_rows, val_rows, args, key == "packed"))
+            mm, trl = runs[f"mmtune_{key}"][-1], runs[f"trl_{key}"][-1]
+            same = abs(mm["lora_init"] - trl["lora_init"]) <= 1e-9 * abs(trl["lora_init"])
+            print(f"seed {seed} {key:8}: tokens/s mmtune {mm['tokens_per_s']:.0f} TRL {trl['tokens_per_s']:.0f}; val loss "
+                  f"mmtune {mm['val_loss']:.4f} TRL {trl['val_loss']:.4f} ({mm['val_loss'] / trl['val_loss'] - 1:+.1%}); "
+                  f"same initial LoRA weights: {'yes' if same else 'NO'}", flush=True)
+    summary = {name: {"tokens": statistics.median(r["tokens"] for r in rs),
+                      "seconds": statistics.median(r["seconds"] for r in rs),
+                      "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                      "val_loss": statistics.fmean(r["val_loss"] for r in rs),
+                      "val_loss_min": min(r["val_loss"] for r in rs), "val_loss_max": max(r["val_loss"] for r in rs)}
+               for name, rs in runs.items()}
+    base = summary.get("trl_unpacked", next(iter(summary.values())))["tokens_per_s"]
+    print(f"\nover seeds {args.seeds}: median tokens/s, mean final validation loss (min-max)")
+    print(f"{'run':18} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs TRL unpacked':>16} {'val loss':>9} {'vs TRL':>7}"
+          f"  range")
+    for name, r in summary.items():
+        trl = summary[name.replace("mmtune", "trl")]
+        print(f"{name:18} {r['tokens']:8.0f} {r['seconds']:8.1f} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base:15.2f}x"
+              f" {r['val_loss']:9.4f} {r['val_loss'] / trl['val_loss'] - 1:+7.1%}  {r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}")
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                        "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":
