@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 from pathlib import Path
 
@@ -314,36 +313,15 @@ def test_two_processes_give_the_one_process_loss_and_gradients(tmp_path):
 def test_lightning_ddp_fit_matches_one_process_on_the_same_global_batch(tmp_path, clip_dir, pairs):
     """Two CPU processes (DDP preset, 4 pairs each) against one process (8 pairs) through `mmtune fit`:
     each step sees the same 8 pairs, so the logged losses and the trained weights agree."""
-    import csv
-    import subprocess
-    import sys
+    from support.ddp_runs import assert_same_training, fit_with_ddp_preset
 
     def fit(name: str, devices: int, batch_size: int) -> Path:
         cfg = align_config(tmp_path / f"{name}.yaml", clip_dir, pairs, data_args={"batch_size": batch_size},
                            model_args={"adapter": {"method": "lora", "r": 4}},
                            trainer={"max_epochs": 2, "log_every_n_steps": 1})
-        preset = Path(__file__).parent.parent / "configs" / "trainer" / "ddp.yaml"
-        done = subprocess.run([sys.executable, "-m", "mmtune", "fit", "--config", str(preset), "--config", str(cfg),
-                               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-                               "--trainer.precision", "32-true", "--runs_dir", str(tmp_path / "runs"),
-                               "--run_name", name], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-4000:]
-        return only_version(tmp_path / "runs", name)
+        return fit_with_ddp_preset(cfg, tmp_path / "runs", name, devices)
 
-    runs = {"ddp": fit("ddp", 2, 4), "one": fit("one", 1, 8)}
-    losses = {}
-    for name, run in runs.items():
-        rows = list(csv.DictReader((run / "metrics.csv").open()))
-        losses[name] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses["ddp"]) == len(losses["one"]) == 8  # 32 training pairs, 8 a step, 2 epochs
-    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-4), losses
-    weights = {name: torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-               for name, run in runs.items()}
-    assert weights["ddp"].keys() == weights["one"].keys()
-    for key, value in weights["one"].items():
-        assert torch.allclose(weights["ddp"][key], value, atol=1e-4), key
-    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights["one"].items())  # it did train
+    assert_same_training(fit("ddp", 2, 4), fit("one", 1, 8), steps=8)  # 32 training pairs, 8 a step, 2 epochs
 
 
 # ---- dual encoder ---------------------------------------------------------------------------------

@@ -332,42 +332,21 @@ def test_ddp_fit_matches_one_process_on_the_same_global_batch(tmp_path, tiny_lms
     """Two CPU processes (DDP preset, 2 rows each) against one (4 rows) through `mmtune fit`, on answers
     of 1 to 8 words: the loss is the per-token mean over the global batch however the tokens fall
     between processes, so the logged losses and the trained weights agree."""
-    import csv
-    import os
-    import subprocess
-    import sys
-
-    from conftest import only_version
+    from support.ddp_runs import assert_same_training, fit_with_ddp_preset
 
     rows = repeat_rows(24, seed=5)
     for i, row in enumerate(rows):
         row["output"] = " ".join([row["input"]] * (1 + (i * 5) % 8))
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     val = write_jsonl(tmp_path / "val.jsonl", repeat_rows(8, seed=6))
-    preset = Path(__file__).parent.parent / "configs" / "trainer" / "ddp.yaml"
 
     def fit(name: str, devices: int, batch_size: int) -> Path:
         cfg = sft_config(tmp_path / f"{name}.yaml", tiny_lms["qwen2"],
                          {"path": str(train), "val_path": str(val), "split": [1.0, 0.0, 0.0], "batch_size": batch_size},
                          trainer={"max_epochs": 1, "log_every_n_steps": 1})
-        done = subprocess.run([sys.executable, "-m", "mmtune", "fit", "--config", str(preset), "--config", str(cfg),
-                               "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-                               "--trainer.precision", "32-true", "--runs_dir", str(tmp_path / "runs"), "--run_name", name],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-4000:]
-        return only_version(tmp_path / "runs", name)
+        return fit_with_ddp_preset(cfg, tmp_path / "runs", name, devices)
 
-    runs = {"ddp": fit("ddp", 2, 2), "one": fit("one", 1, 4)}
-    losses = {name: [float(r["train/loss"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/loss")]
-              for name, run in runs.items()}
-    assert len(losses["ddp"]) == len(losses["one"]) == 6  # 24 rows, 4 a step
-    assert losses["ddp"] == pytest.approx(losses["one"], rel=1e-4), losses
-    weights = {name: torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-               for name, run in runs.items()}
-    assert weights["ddp"].keys() == weights["one"].keys()
-    for key, value in weights["one"].items():
-        assert torch.allclose(weights["ddp"][key], value, atol=1e-4), key
+    assert_same_training(fit("ddp", 2, 2), fit("one", 1, 4), steps=6)  # 24 rows, 4 a step
 
 
 # ---- QLoRA ------------------------------------------------------------------------------------------------------
