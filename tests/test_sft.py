@@ -354,7 +354,9 @@ def test_qlora_trains_a_4bit_base_and_exports_merged_full_precision(tmp_path, ti
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    task = CausalLMTask(ModelSpec(name=str(tiny_lms["llama"]), quantization="nf4"), AdapterSpec(method="lora", r=8),
+    # the head trains in full beside the adapters: the export must keep it too, not only the LoRA weights
+    task = CausalLMTask(ModelSpec(name=str(tiny_lms["llama"]), quantization="nf4"),
+                        AdapterSpec(method="lora", r=8, parts={"head": "full"}),
                         OptimizerSpec(lr=0.02, warmup=0), MonitorSpec(early_stopping=False, save_best=False, save_last=False),
                         gradient_checkpointing=True)
     dm = TextData(path=str(repeat_data["train"]), val_path=str(repeat_data["val"]), max_length=64, batch_size=8)
@@ -374,6 +376,9 @@ def test_qlora_trains_a_4bit_base_and_exports_merged_full_precision(tmp_path, ti
     out = task.export(str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert all(p.dtype == torch.float32 for p in merged.parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_lms["llama"])
+    trained_head = task._raw().lm_head.weight.detach().float()
+    assert torch.equal(merged.lm_head.weight, trained_head) and not torch.equal(base.lm_head.weight, trained_head)
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         total, count = token_loss(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
+from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
 from mmtune.data.text import Conversation, PromptCollator, prompt_conversation
 from mmtune.errors import ConfigError
 from mmtune.losses.tokens import global_token_mean, token_loss
@@ -82,8 +81,7 @@ class CausalLMTask(L.LightningModule):
         self.monitor_spec = as_spec(MonitorSpec, monitor)
         self.generation_spec = as_spec(GenerationSpec, generation)
         resolve_hf_ref(self.model_spec)  # fail at construction on a missing file
-        if self.model_spec.quantization != "none" and self.adapter_spec.method == "none":
-            raise ConfigError("model.quantization needs an adapter (adapter.method: lora): quantized weights cannot train")
+        check_quantized_training(self.model_spec, self.adapter_spec)
         self.save_hyperparameters({
             "model": spec_to_dict(self.model_spec), "adapter": spec_to_dict(self.adapter_spec),
             "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
@@ -268,10 +266,8 @@ class CausalLMTask(L.LightningModule):
         """Merges adapters into the base weights and writes `save_pretrained` output with the tokenizer
         and chat template: loadable by plain transformers and by serving engines."""
         out = Path(out_dir)
-        if self.model_spec.quantization != "none":
-            merged = self._merge_into_full_precision()
-        else:
-            merged = merge_adapter(copy.deepcopy(self.net))
+        merged = merged_copy(self.net, self.model_spec.quantization != "none",
+                             lambda: self._adapt(load_causal_lm(self.model_spec, quantize=False))[0])
         if resolve_hf_ref(self.model_spec).gguf_file:
             # transformers dequantized the GGUF weights on load but still marks the model as GGUF-quantized,
             # which save_pretrained refuses; the tensors are plain floats, so drop the marker.
@@ -283,13 +279,3 @@ class CausalLMTask(L.LightningModule):
         (out / "mmtune.json").write_text(json.dumps({"task": "causal_lm", "source_model": self.model_spec.name},
                                                     indent=2))
         return out
-
-    def _merge_into_full_precision(self) -> torch.nn.Module:
-        """QLoRA: the adapters go into an unquantized copy of the base (merging into 4-bit weights would
-        round them away, and serving engines want plain weights)."""
-        import peft
-
-        base = load_causal_lm(self.model_spec, quantize=False)
-        adapted, _ = self._adapt(base)
-        peft.set_peft_model_state_dict(adapted, peft.get_peft_model_state_dict(self.net))
-        return merge_adapter(adapted)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
+from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
 from mmtune.data.text import IGNORE
 from mmtune.data.vl_encoding import build_encoding
-from mmtune.errors import ConfigError
 from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import resolve_hf_ref
@@ -97,8 +95,7 @@ class VisionLanguageTask(L.LightningModule):
         self.monitor_spec = as_spec(MonitorSpec, monitor)
         self.decoding_spec = as_spec(DecodingSpec, decoding)
         resolve_hf_ref(self.model_spec)  # fail at construction on a missing path
-        if self.model_spec.quantization != "none" and self.adapter_spec.method == "none":
-            raise ConfigError("model.quantization needs an adapter (adapter.method: lora): quantized weights cannot train")
+        check_quantized_training(self.model_spec, self.adapter_spec)
         self.save_hyperparameters({
             "model": spec_to_dict(self.model_spec), "adapter": spec_to_dict(self.adapter_spec),
             "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
@@ -341,15 +338,8 @@ class VisionLanguageTask(L.LightningModule):
         projector), and writes `save_pretrained` output with the processor: loadable by plain
         transformers (`AutoModelForImageTextToText`, `AutoProcessor`)."""
         out = Path(out_dir)
-        if self.model_spec.quantization != "none":
-            import peft
-
-            base = load_vlm(self.model_spec, quantize=False)
-            merged, _ = self._adapt(base)
-            peft.set_peft_model_state_dict(merged, peft.get_peft_model_state_dict(self.net))
-            merged = merge_adapter(merged)
-        else:
-            merged = merge_adapter(copy.deepcopy(self.net))
+        merged = merged_copy(self.net, self.model_spec.quantization != "none",
+                             lambda: self._adapt(load_vlm(self.model_spec, quantize=False))[0])
         if hasattr(merged.config, "use_cache"):
             merged.config.use_cache = True
         merged.eval().save_pretrained(out)
