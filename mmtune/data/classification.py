@@ -251,14 +251,9 @@ class ImageClassificationData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train", train=True)
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         weights = self._sample_weights(dataset.samples) if self.sampler == "balanced" else None
-        sampler = EpochSampler(len(dataset), self.seed, weights, world, rank)
-        # BatchNorm cannot train on a last batch of one image; drop the ragged end when there is more than one batch
-        drop_last = len(dataset) // world > self.batch_size
-        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=drop_last)
+        sampler = EpochSampler.for_this_process(len(dataset), self.seed, weights)
+        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=sampler.drop_ragged_end(self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.eval_batch_size)

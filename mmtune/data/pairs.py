@@ -319,13 +319,8 @@ class ImageTextPairData(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        n = len(self.splits.get("train") or [])
-        sampler = EpochSampler(n, self.seed, None, world, rank)
-        # a ragged last batch could hold a single pair (no negatives): drop it when there is more than one batch
-        return self._loader("train", self.batch_size, sampler=sampler, drop_last=n // world > self.batch_size)
+        sampler = EpochSampler.for_this_process(len(self.splits.get("train") or []), self.seed)
+        return self._loader("train", self.batch_size, sampler=sampler, drop_last=sampler.drop_ragged_end(self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size)

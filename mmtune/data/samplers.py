@@ -38,6 +38,21 @@ class EpochSampler(DistributedSampler):
                          drop_last=False)
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
 
+    @classmethod
+    def for_this_process(cls, length: int, seed: int, weights: Optional[Sequence[float]] = None,
+                         shuffle: bool = True) -> "EpochSampler":
+        """Sharded for this process when torch.distributed is running (Lightning has set it up by the
+        time it asks for the train loader), else over the whole data."""
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return cls(length, seed, weights, world, rank, shuffle)
+
+    def drop_ragged_end(self, batch_size: int) -> bool:
+        """Whether a loader should drop the last, smaller batch: yes when each process has more than one
+        batch (a batch of one breaks BatchNorm and leaves a contrastive loss without negatives)."""
+        return self.num_samples > batch_size
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.weights is None:
             order = list(super().__iter__())

@@ -616,10 +616,7 @@ class TextData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._rows("train", self.packing)
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        sampler = EpochSampler(len(dataset), self.seed, None, world, rank, self.shuffle)
+        sampler = EpochSampler.for_this_process(len(dataset), self.seed, shuffle=self.shuffle)
         return self._loader(dataset, self.batch_size, self._collator(self.packing), sampler=sampler)
 
     def _collator(self, packed: bool):

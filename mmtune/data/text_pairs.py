@@ -190,12 +190,9 @@ class QueryDocData(L.LightningDataModule):
                           collate_fn=QueryDocCollate(self.preprocess.text, negatives), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        n = len(self.splits["train"])
-        return self._loader("train", self.batch_size, bool(self.columns["negative_column"]),
-                            sampler=EpochSampler(n, self.seed, None, world, rank), drop_last=n // world > self.batch_size)
+        sampler = EpochSampler.for_this_process(len(self.splits["train"]), self.seed)
+        return self._loader("train", self.batch_size, bool(self.columns["negative_column"]), sampler=sampler,
+                            drop_last=sampler.drop_ragged_end(self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, False)

@@ -224,10 +224,7 @@ class VisionTextData(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        sampler = EpochSampler(len(self.prepared.get("train") or []), self.seed, None, world, rank)
+        sampler = EpochSampler.for_this_process(len(self.prepared.get("train") or []), self.seed)
         return self._loader("train", self.batch_size, False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
