@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import logging
 from collections import Counter
-from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmtune.data.bad_rows import stop_or_skip, write_skipped
 from mmtune.data.images import HighBitPolicy, find_unreadable, load_image
 from mmtune.data.readers import ManifestColumns, read_image_labels
 from mmtune.data.samplers import EpochSampler, seed_everything_from
@@ -20,7 +18,6 @@ from mmtune.data.splits import SPLIT_NAMES, assign_splits
 from mmtune.data.transforms import AugmentSpec, build_transform
 from mmtune.errors import DataError
 
-log = logging.getLogger(__name__)
 
 
 class ImageClassificationDataset(Dataset):
@@ -146,7 +143,7 @@ class ImageClassificationData(L.LightningDataModule):
             if not self.predict_path:
                 raise DataError("data.predict_path is not set: name the images to predict (a folder or manifest)")
             self.splits["predict"] = self._checked(read_image_labels(self.predict_path, self.columns, self.label_separator))
-        self._write_skipped()
+        write_skipped(self.trainer, self.skipped, "skipped_images.csv", "path")
 
     def _read_labeled(self) -> None:
         if not self.path:
@@ -185,27 +182,10 @@ class ImageClassificationData(L.LightningDataModule):
         if not self.verify_images:
             return samples
         bad = find_unreadable([s.path for s in samples], workers=max(2, self.num_workers))
-        if bad and self.bad_images == "error":
-            shown = "; ".join(f"{s.origin}: {bad[s.path]}" for s in samples if s.path in bad)
-            raise DataError(f"{len(bad)} unreadable image(s) (set data.bad_images: skip to drop them): {shown[:2000]}")
-        if bad:
-            log.warning("skipping %d unreadable image(s); see skipped_images.csv in the run directory", len(bad))
-            self.skipped.update(bad)
+        stop_or_skip({s.origin: bad[s.path] for s in samples if s.path in bad}, self.bad_images, "unreadable image",
+                     "data.bad_images", "skipped_images.csv")
+        self.skipped.update(bad)
         return [s for s in samples if s.path not in bad]
-
-    def _write_skipped(self) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            return
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not self.skipped or not trainer.is_global_zero or not log_dir:
-            return
-        out = Path(log_dir) / "skipped_images.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "reason"])
-            writer.writerows(sorted(self.skipped.items()))
 
     # ---- connection to the task ------------------------------------------------------------------
     def connect(self, classes: list[str], multi_label: bool, data_config: dict) -> None:

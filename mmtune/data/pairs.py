@@ -11,9 +11,7 @@ treat identical captions or images in a batch as positives, not as negatives.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -22,14 +20,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmtune.data.bad_rows import stop_or_skip, write_skipped
 from mmtune.data.images import find_unreadable, load_image
 from mmtune.data.readers import _rows, read_saved_dataset
 from mmtune.data.samplers import EpochSampler, seed_everything_from
 from mmtune.data.transforms import AugmentSpec, build_transform
-from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
+from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, place_in_splits
 from mmtune.errors import DataError
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -236,7 +234,7 @@ class ImageTextPairData(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if not self.splits:
             self._read()
-        self._write_skipped()
+        write_skipped(self.trainer, self.skipped, "skipped_pairs.csv", "row")
 
     def _read(self) -> None:
         if not self.path:
@@ -245,49 +243,19 @@ class ImageTextPairData(L.LightningDataModule):
         extra = {}
         for name, src in (("val", self.val_path), ("test", self.test_path)):
             if src:
-                rows, more = read_pairs(src, **self.columns)
-                for p in rows:
-                    p.split = name
-                extra[name], bad = rows, {**bad, **more}
-        with_split = [p for p in pairs if p.split]
-        if with_split and len(with_split) != len(pairs):
-            lacking = next(p for p in pairs if not p.split)
-            raise DataError(f"some rows name a split and some do not (e.g. {lacking.origin}); give every row a split or none")
-        if not with_split:
-            ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
-            groups = [p.group for p in pairs] if self.columns["group_column"] else None
-            for p, name in zip(pairs, assign_splits(len(pairs), ratios, self.seed, groups)):
-                p.split = name
-        pairs = [p for p in pairs if p.split not in extra] + [p for rows in extra.values() for p in rows]
+                extra[name], more = read_pairs(src, **self.columns)
+                bad.update(more)
+        pairs = place_in_splits(pairs, extra, self.split_ratios, self.seed, bool(self.columns["group_column"]), self.path)
         if self.verify_images:
             unreadable = find_unreadable([p.path for p in pairs if p.origin not in bad], workers=max(2, self.num_workers))
             bad.update({p.origin: unreadable[p.path] for p in pairs if p.path in unreadable and p.origin not in bad})
-        if bad and self.bad_pairs == "error":
-            shown = "; ".join(f"{origin}: {reason}" for origin, reason in list(bad.items())[:10])
-            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-            raise DataError(f"{len(bad)} bad pair(s) (set data.bad_pairs: skip to drop them): {shown}{more}")
-        if bad:
-            log.warning("skipping %d bad pair(s); see skipped_pairs.csv in the run directory", len(bad))
-            self.skipped = dict(bad)
+        stop_or_skip(bad, self.bad_pairs, "bad pair", "data.bad_pairs", "skipped_pairs.csv")
+        self.skipped = dict(bad)
         pairs = [p for p in pairs if p.origin not in bad]
         self.splits = {name: [p for p in pairs if p.split == name] for name in SPLIT_NAMES}
         if len(self.splits["train"]) < 2:
             raise DataError(f"the train split of {self.path} has {len(self.splits['train'])} pair(s); "
                             "contrastive training needs at least 2")
-
-    def _write_skipped(self) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            return
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not self.skipped or not trainer.is_global_zero or not log_dir:
-            return
-        out = Path(log_dir) / "skipped_pairs.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["row", "reason"])
-            writer.writerows(self.skipped.items())
 
     def connect(self, preprocess) -> None:
         """Takes the model's image transform and tokenizer (`mmtune.models.aligners.Preprocess`)."""

@@ -6,6 +6,8 @@ import random
 from collections import defaultdict
 from typing import Optional, Sequence
 
+from mmtune.errors import DataError
+
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
@@ -51,3 +53,31 @@ def assign_splits(
         for i in members[key]:
             out[i] = SPLIT_NAMES[s]
     return out
+
+
+def place_in_splits(rows: list, extra: dict[str, list], ratios: Sequence[float], seed: int, grouped: bool,
+                    source: str) -> list:
+    """Gives every row of a data module a split and returns the rows of all splits.
+
+    `rows` (from `path`) keep the split they name, or, when none names one, get one by `ratios`
+    (whole groups together when `grouped`); a split that comes from its own file (`extra`: split name
+    -> rows) gets no share of `rows`. Rows carry `split`, `group` and an `origin` or `id`.
+
+    Raises:
+        DataError: some rows name a split and others do not.
+    """
+    named = [r for r in rows if r.split]
+    if named and len(named) != len(rows):
+        lacking = next(r for r in rows if not r.split)
+        where = getattr(lacking, "origin", "") or getattr(lacking, "id", "")
+        raise DataError(f"some rows of {source} name a split and some do not (e.g. {where}); "
+                        "give every row a split or none")
+    for name, more in extra.items():
+        for r in more:
+            r.split = name
+    if not named:
+        shares = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, ratios)]
+        groups = [r.group for r in rows] if grouped else None
+        for r, name in zip(rows, assign_splits(len(rows), shares, seed, groups)):
+            r.split = name
+    return [r for r in rows if r.split not in extra] + [r for more in extra.values() for r in more]

@@ -7,7 +7,6 @@ query and positive so duplicates in a batch count as positives, not negatives.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -16,13 +15,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmtune.data.bad_rows import stop_or_skip, write_skipped
 from mmtune.data.pairs import normalize_text, stable_key
 from mmtune.data.readers import _rows
 from mmtune.data.samplers import EpochSampler
-from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
+from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, place_in_splits
 from mmtune.errors import DataError
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,32 +138,22 @@ class QueryDocData(L.LightningDataModule):
         self.preprocess = None
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.splits:
-            return
+        if not self.splits:
+            self._read()
+        write_skipped(self.trainer, self.skipped, "skipped_pairs.csv", "row")
+
+    def _read(self) -> None:
         if not self.path:
             raise DataError("data.path is not set: name a manifest of query-document pairs")
         rows, bad = read_query_docs(self.path, **self.columns)
         extra = {}
         for name, src in (("val", self.val_path), ("test", self.test_path)):
             if src:
-                more, more_bad = read_query_docs(src, **self.columns)
-                for r in more:
-                    r.split = name
-                extra[name], bad = more, {**bad, **more_bad}
-        if not all(r.split for r in rows):
-            if any(r.split for r in rows):
-                raise DataError(f"some rows of {self.path} name a split and some do not; give every row a split or none")
-            ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
-            groups = [r.group for r in rows] if self.columns["group_column"] else None
-            for r, name in zip(rows, assign_splits(len(rows), ratios, self.seed, groups)):
-                r.split = name
-        rows = [r for r in rows if r.split not in extra] + [r for more in extra.values() for r in more]
-        if bad and self.bad_pairs == "error":
-            shown = "; ".join(f"{o}: {why}" for o, why in list(bad.items())[:10])
-            raise DataError(f"{len(bad)} bad pair(s) (set data.bad_pairs: skip to drop them): {shown}")
-        if bad:
-            log.warning("skipping %d bad pair(s)", len(bad))
-            self.skipped = dict(bad)
+                extra[name], more = read_query_docs(src, **self.columns)
+                bad.update(more)
+        rows = place_in_splits(rows, extra, self.split_ratios, self.seed, bool(self.columns["group_column"]), self.path)
+        stop_or_skip(bad, self.bad_pairs, "bad pair", "data.bad_pairs", "skipped_pairs.csv")
+        self.skipped = dict(bad)
         rows = [r for r in rows if r.origin not in bad]
         self.splits = {name: [r for r in rows if r.split == name] for name in SPLIT_NAMES}
         if len(self.splits["train"]) < 2:

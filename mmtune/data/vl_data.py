@@ -7,7 +7,6 @@ rendered and its loss mask computed once, and batches are built by the processor
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -17,9 +16,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmtune.data.bad_rows import write_skipped
 from mmtune.data.images import find_unreadable, load_image
 from mmtune.data.samplers import EpochSampler
-from mmtune.data.splits import SPLIT_NAMES, assign_splits
+from mmtune.data.splits import SPLIT_NAMES, place_in_splits
 from mmtune.data.vl_encoding import Prepared
 from mmtune.data.vl_samples import VisualConversation, VisualFields, VisualFormat, read_visual_source
 from mmtune.errors import DataError
@@ -141,19 +141,7 @@ class VisionTextData(L.LightningDataModule):
             raise DataError("data.path is not set: name a data file or an aligned DatasetDict folder")
         samples = self._source(self.path)
         extra = {name: self._source(src) for name, src in (("val", self.val_path), ("test", self.test_path)) if src}
-        for name, rows in extra.items():
-            for s in rows:
-                s.split = name
-        with_split = [s for s in samples if s.split]
-        if with_split and len(with_split) != len(samples):
-            lacking = next(s for s in samples if not s.split)
-            raise DataError(f"some samples name a split and some do not (e.g. {lacking.id}); give every row a split or none")
-        if not with_split:
-            ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
-            groups = [s.group for s in samples]
-            for s, name in zip(samples, assign_splits(len(samples), ratios, self.seed, groups)):
-                s.split = name
-        samples = [s for s in samples if s.split not in extra] + [s for rows in extra.values() for s in rows]
+        samples = place_in_splits(samples, extra, self.split_ratios, self.seed, True, self.path)
         samples = self._check_images(samples)
         self.samples = {name: [s for s in samples if s.split == name] for name in SPLIT_NAMES}
         if not self.samples["train"]:
@@ -185,11 +173,7 @@ class VisionTextData(L.LightningDataModule):
             return
         out = Path(log_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self.skipped:
-            with (out / "skipped_samples.csv").open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["sample", "reason"])
-                writer.writerows(self.skipped.items())
+        write_skipped(trainer, self.skipped, "skipped_samples.csv", "sample")
         stats = {name: len(rows) for name, rows in self.samples.items()}
         (out / "data_stats.json").write_text(json.dumps({"samples": stats, "skipped": len(self.skipped)}, indent=2))
 
