@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from mmtune.data.bad_rows import stop_or_skip, write_skipped
 from mmtune.data.images import find_unreadable, load_image
+from mmtune.data.pair_module import ContrastivePairData
 from mmtune.data.readers import _rows, read_saved_dataset
-from mmtune.data.samplers import EpochSampler, seed_everything_from
+from mmtune.data.samplers import seed_everything_from
 from mmtune.data.transforms import AugmentSpec, build_transform
-from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, place_in_splits
+from mmtune.data.splits import SPLIT_ALIASES
 from mmtune.errors import DataError
 
 
@@ -166,7 +165,7 @@ class PairCollate:
         return batch
 
 
-class ImageTextPairData(L.LightningDataModule):
+class ImageTextPairData(ContrastivePairData):
     """Image-text pairs for contrastive alignment (CLIP, SigLIP, dual encoders).
 
     The task connects itself in its `setup` (`connect(preprocess)`), giving the model's image
@@ -196,6 +195,8 @@ class ImageTextPairData(L.LightningDataModule):
         num_workers: data loading processes.
     """
 
+    kind = "image-text pairs"
+
     def __init__(
         self,
         path: Optional[str] = None,
@@ -215,51 +216,20 @@ class ImageTextPairData(L.LightningDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 2,
     ) -> None:
-        super().__init__()
-        self.path, self.val_path, self.test_path = path, val_path, test_path
-        self.split_ratios = tuple(split)
-        self.seed = seed
-        self.columns = dict(image_column=image_column, text_column=text_column, split_column=split_column,
-                            group_column=group_column, label_column=label_column)
-        self.bad_pairs = bad_pairs
+        columns = dict(image_column=image_column, text_column=text_column, split_column=split_column,
+                       group_column=group_column, label_column=label_column)
+        super().__init__(path, val_path, test_path, split, seed, columns, bad_pairs, batch_size, eval_batch_size,
+                         num_workers)
         self.verify_images = verify_images
         self.augment = augment if isinstance(augment, AugmentSpec) else AugmentSpec(**augment)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.splits: dict[str, list[ImageText]] = {}
-        self.skipped: dict[str, str] = {}
-        self.preprocess = None
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if not self.splits:
-            self._read()
-        write_skipped(self.trainer, self.skipped, "skipped_pairs.csv", "row")
+    def read(self, source: str) -> tuple[list[ImageText], dict[str, str]]:
+        return read_pairs(source, **self.columns)
 
-    def _read(self) -> None:
-        if not self.path:
-            raise DataError("data.path is not set: name a manifest of image-text pairs")
-        pairs, bad = read_pairs(self.path, **self.columns)
-        extra = {}
-        for name, src in (("val", self.val_path), ("test", self.test_path)):
-            if src:
-                extra[name], more = read_pairs(src, **self.columns)
-                bad.update(more)
-        pairs = place_in_splits(pairs, extra, self.split_ratios, self.seed, bool(self.columns["group_column"]), self.path)
+    def find_bad(self, rows: list[ImageText], bad: dict[str, str]) -> None:
         if self.verify_images:
-            unreadable = find_unreadable([p.path for p in pairs if p.origin not in bad], workers=max(2, self.num_workers))
-            bad.update({p.origin: unreadable[p.path] for p in pairs if p.path in unreadable and p.origin not in bad})
-        stop_or_skip(bad, self.bad_pairs, "bad pair", "data.bad_pairs", "skipped_pairs.csv")
-        self.skipped = dict(bad)
-        pairs = [p for p in pairs if p.origin not in bad]
-        self.splits = {name: [p for p in pairs if p.split == name] for name in SPLIT_NAMES}
-        if len(self.splits["train"]) < 2:
-            raise DataError(f"the train split of {self.path} has {len(self.splits['train'])} pair(s); "
-                            "contrastive training needs at least 2")
-
-    def connect(self, preprocess) -> None:
-        """Takes the model's image transform and tokenizer (`mmtune.models.aligners.Preprocess`)."""
-        self.preprocess = preprocess
+            unreadable = find_unreadable([p.path for p in rows if p.origin not in bad], workers=max(2, self.num_workers))
+            bad.update({p.origin: unreadable[p.path] for p in rows if p.path in unreadable and p.origin not in bad})
 
     @property
     def labels(self) -> list[str]:
@@ -274,24 +244,9 @@ class ImageTextPairData(L.LightningDataModule):
             return self.preprocess.image
         return build_transform(config, True, self.augment)
 
-    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
-        if self.preprocess is None:
-            raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
-        pairs = self.splits.get(split) or []
-        if not pairs:
-            raise DataError(f"the {split} split is empty (source: {self.path}); add pairs or adjust data.split")
+    def dataset(self, split: str, rows: list[ImageText]) -> Dataset:
         transform = self.train_transform() if split == "train" else self.preprocess.image
-        dataset = PairDataset(pairs, transform, self.preprocess.channels, self.seed)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=PairCollate(self.preprocess.text),
-                          pin_memory=torch.cuda.is_available(), **kwargs)
+        return PairDataset(rows, transform, self.preprocess.channels, self.seed)
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler.for_this_process(len(self.splits.get("train") or []), self.seed)
-        return self._loader("train", self.batch_size, sampler=sampler, drop_last=sampler.drop_ragged_end(self.batch_size))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+    def collate(self, split: str) -> PairCollate:
+        return PairCollate(self.preprocess.text)

@@ -11,15 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from mmtune.data.bad_rows import stop_or_skip, write_skipped
+from mmtune.data.pair_module import ContrastivePairData
 from mmtune.data.pairs import normalize_text, stable_key
 from mmtune.data.readers import _rows
-from mmtune.data.samplers import EpochSampler
-from mmtune.data.splits import SPLIT_ALIASES, SPLIT_NAMES, place_in_splits
+from mmtune.data.splits import SPLIT_ALIASES
 from mmtune.errors import DataError
 
 
@@ -98,7 +96,7 @@ class QueryDocCollate:
         return batch
 
 
-class QueryDocData(L.LightningDataModule):
+class QueryDocData(ContrastivePairData):
     """Query-document pairs (with optional hard negatives) for text embedding fine-tuning.
 
     Args:
@@ -119,72 +117,32 @@ class QueryDocData(L.LightningDataModule):
         num_workers: data loading processes.
     """
 
+    kind = "query-document pairs"
+
     def __init__(self, path: Optional[str] = None, val_path: Optional[str] = None, test_path: Optional[str] = None,
                  split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 42, query_column: str = "query",
                  positive_column: str = "positive", negative_column: Optional[str] = None,
                  split_column: str = "split", group_column: Optional[str] = None,
                  bad_pairs: Literal["error", "skip"] = "error", batch_size: int = 32,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0) -> None:
-        super().__init__()
-        self.path, self.val_path, self.test_path = path, val_path, test_path
-        self.split_ratios, self.seed = tuple(split), seed
-        self.columns = dict(query_column=query_column, positive_column=positive_column,
-                            negative_column=negative_column, split_column=split_column, group_column=group_column)
-        self.bad_pairs = bad_pairs
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.splits: dict[str, list[QueryDoc]] = {}
-        self.skipped: dict[str, str] = {}
-        self.preprocess = None
+        columns = dict(query_column=query_column, positive_column=positive_column, negative_column=negative_column,
+                       split_column=split_column, group_column=group_column)
+        super().__init__(path, val_path, test_path, split, seed, columns, bad_pairs, batch_size, eval_batch_size,
+                         num_workers)
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if not self.splits:
-            self._read()
-        write_skipped(self.trainer, self.skipped, "skipped_pairs.csv", "row")
+    def read(self, source: str) -> tuple[list[QueryDoc], dict[str, str]]:
+        return read_query_docs(source, **self.columns)
 
-    def _read(self) -> None:
-        if not self.path:
-            raise DataError("data.path is not set: name a manifest of query-document pairs")
-        rows, bad = read_query_docs(self.path, **self.columns)
-        extra = {}
-        for name, src in (("val", self.val_path), ("test", self.test_path)):
-            if src:
-                extra[name], more = read_query_docs(src, **self.columns)
-                bad.update(more)
-        rows = place_in_splits(rows, extra, self.split_ratios, self.seed, bool(self.columns["group_column"]), self.path)
-        stop_or_skip(bad, self.bad_pairs, "bad pair", "data.bad_pairs", "skipped_pairs.csv")
-        self.skipped = dict(bad)
-        rows = [r for r in rows if r.origin not in bad]
-        self.splits = {name: [r for r in rows if r.split == name] for name in SPLIT_NAMES}
-        if len(self.splits["train"]) < 2:
-            raise DataError(f"the train split of {self.path} has {len(self.splits['train'])} pair(s); "
-                            "in-batch negatives need at least 2")
+    def check_train(self, train: list[QueryDoc]) -> None:
         if self.columns["negative_column"]:
-            missing = [r.origin for r in self.splits["train"] if not r.negative]
+            missing = [r.origin for r in train if not r.negative]
             if missing:
                 raise DataError(f"{len(missing)} training row(s) lack a hard negative "
                                 f"({self.columns['negative_column']!r}), e.g. {missing[0]}")
 
-    def connect(self, preprocess) -> None:
-        """Takes the model's tokenizer (`Preprocess.text`)."""
-        self.preprocess = preprocess
+    def dataset(self, split: str, rows: list[QueryDoc]) -> Dataset:
+        return QueryDocDataset(rows)
 
-    def _loader(self, split: str, batch_size: int, negatives: bool, **kwargs) -> DataLoader:
-        if self.preprocess is None:
-            raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
-        rows = self.splits.get(split) or []
-        if not rows:
-            raise DataError(f"the {split} split is empty (source: {self.path}); add pairs or adjust data.split")
-        return DataLoader(QueryDocDataset(rows), batch_size=batch_size, num_workers=self.num_workers,
-                          collate_fn=QueryDocCollate(self.preprocess.text, negatives), **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler.for_this_process(len(self.splits["train"]), self.seed)
-        return self._loader("train", self.batch_size, bool(self.columns["negative_column"]), sampler=sampler,
-                            drop_last=sampler.drop_ragged_end(self.batch_size))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
+    def collate(self, split: str) -> QueryDocCollate:
+        # hard negatives are extra documents in training only; evaluation ranks the positives
+        return QueryDocCollate(self.preprocess.text, split == "train" and bool(self.columns["negative_column"]))
