@@ -24,7 +24,7 @@ PARTS_DOC = {"vision": "the image tower", "text": "the text tower",
              "projection": "projection heads, temperature and bias"}
 
 
-class ImageTextAlignmentTask(L.LightningModule):
+class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
     """Contrastive image-text alignment with in-batch negatives gathered over every process; with a
     sentence-transformers model and `QueryDocData`, text embedding fine-tuning (query, positive[, hard
     negative]) with the same losses and Recall@K/MRR query -> document.
@@ -242,15 +242,6 @@ class ImageTextAlignmentTask(L.LightningModule):
         no_decay = [n for n, _ in self._raw().named_parameters() if n.split(".")[-1] in ("logit_scale", "logit_bias")]
         return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
                                           part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay)
-
-    def configure_callbacks(self) -> list:
-        return common.standard_callbacks(self.monitor_spec, self.trainer)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        common.on_save_checkpoint(self, checkpoint, self._trainable_only())
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        common.on_load_checkpoint(self, checkpoint)
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:

@@ -30,7 +30,7 @@ from mmtune.tasks import common
 PARTS_DOC = {"backbone": "everything but the head", "head": "the classification layer"}
 
 
-class ImageClassificationTask(L.LightningModule):
+class ImageClassificationTask(common.RunHooks, L.LightningModule):
     """Fine-tunes an image classifier: full, linear probe, last-N blocks, or adapters (LoRA, DoRA, IA3).
 
     Args:
@@ -245,15 +245,6 @@ class ImageClassificationTask(L.LightningModule):
             self.trainer, raw.named_parameters(), self.optimizer_spec,
             layer_ids=layer_ids, part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay,
         )
-
-    def configure_callbacks(self) -> list:
-        return common.standard_callbacks(self.monitor_spec, self.trainer)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        common.on_save_checkpoint(self, checkpoint, self._trainable_only())
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        common.on_load_checkpoint(self, checkpoint)
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:

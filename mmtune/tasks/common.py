@@ -76,6 +76,21 @@ def on_load_checkpoint(module: nn.Module, checkpoint: dict) -> None:
     _complete_trainable_checkpoint(module, checkpoint)
 
 
+class RunHooks:
+    """The Lightning hooks every task shares, as a mixin placed before `L.LightningModule`: the
+    monitor's callbacks and the checkpoint rules above. The task provides `monitor_spec` and
+    `_trainable_only()`."""
+
+    def configure_callbacks(self) -> list:
+        return standard_callbacks(self.monitor_spec, self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        on_save_checkpoint(self, checkpoint, self._trainable_only())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        on_load_checkpoint(self, checkpoint)
+
+
 def _record_task(module: L.LightningModule, checkpoint: dict) -> None:
     """Stores the task class in the checkpoint, so `mmtune export` needs only the checkpoint."""
     checkpoint["mmtune_task"] = f"{type(module).__module__}:{type(module).__qualname__}"

@@ -44,7 +44,7 @@ class GenerationSpec:
     top_p: float = 1.0
 
 
-class CausalLMTask(L.LightningModule):
+class CausalLMTask(common.RunHooks, L.LightningModule):
     """Fine-tunes any `AutoModelForCausalLM`: full, LoRA, DoRA, QLoRA (4-bit NF4 base + LoRA).
 
     Args:
@@ -251,15 +251,6 @@ class CausalLMTask(L.LightningModule):
     def configure_optimizers(self) -> dict:
         return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
                                           part_of=part_lookup(lm_parts(self._raw())), part_names=PARTS_DOC)
-
-    def configure_callbacks(self) -> list:
-        return common.standard_callbacks(self.monitor_spec, self.trainer)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        common.on_save_checkpoint(self, checkpoint, self._trainable_only())
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        common.on_load_checkpoint(self, checkpoint)
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:

@@ -53,7 +53,7 @@ class DecodingSpec:
         return kwargs
 
 
-class VisionLanguageTask(L.LightningModule):
+class VisionLanguageTask(common.RunHooks, L.LightningModule):
     """Fine-tunes any transformers image-text-to-text model (BLIP, VisionEncoderDecoder, LLaVA,
     Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL, PaliGemma, ...) with its own processor.
 
@@ -322,15 +322,6 @@ class VisionLanguageTask(L.LightningModule):
     def configure_optimizers(self) -> dict:
         return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
                                           part_of=part_lookup(vlm_parts(self._raw())), part_names=PARTS_DOC)
-
-    def configure_callbacks(self) -> list:
-        return common.standard_callbacks(self.monitor_spec, self.trainer)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        common.on_save_checkpoint(self, checkpoint, self._trainable_only())
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        common.on_load_checkpoint(self, checkpoint)
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:
