@@ -168,12 +168,12 @@ class VisionTextData(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
+        write_skipped(trainer, self.skipped, "skipped_samples.csv", "sample")  # on every rank: it asks log_dir
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero or not log_dir:
             return
         out = Path(log_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_skipped(trainer, self.skipped, "skipped_samples.csv", "sample")
         stats = {name: len(rows) for name, rows in self.samples.items()}
         (out / "data_stats.json").write_text(json.dumps({"samples": stats, "skipped": len(self.skipped)}, indent=2))
 
