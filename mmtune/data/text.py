@@ -174,6 +174,32 @@ def _text(row: dict, key: str, origin: str, required: bool = True) -> Optional[s
     return value
 
 
+def raw_turns(row: dict, messages_key: str, role_key: str, content_key: str, where: str) -> list[tuple[int, Any, Any]]:
+    """(index, role, content) of a row's turns, in the OpenAI form (`role`/`content`, or the names
+    given) or ShareGPT's (`conversations` of `from`/`value`). Text and vision-language data both read
+    turns this way; each then checks the content it accepts.
+
+    Raises:
+        DataError: naming `where`, when the turns are missing or a turn lacks its role or content.
+    """
+    turns = row.get(messages_key)
+    if turns is None:
+        turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {messages_key!r} (or 'conversations') must be a non-empty list of turns")
+    out = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turn {k} is not an object")
+        role = turn.get(role_key) if turn.get(role_key) is not None else turn.get("from")
+        content = turn.get(content_key) if turn.get(content_key) is not None else turn.get("value")
+        if role is None or content is None:
+            raise DataError(f"{where}: turn {k} needs {role_key!r} and {content_key!r} (or ShareGPT 'from'/'value'); "
+                            f"got keys {sorted(key for key, v in turn.items() if v is not None)}")
+        out.append((k, role, content))
+    return out
+
+
 def _role(raw: Any, fields: TextFields, origin: str) -> str:
     name = str(raw)
     role = fields.roles.get(name) or ROLE_ALIASES.get(name.lower()) or name.lower()
@@ -199,20 +225,10 @@ def row_to_sample(row: dict, fmt: str, fields: TextFields, origin: str) -> Sampl
                                     {"role": "assistant", "content": _text(row, fields.completion, origin)}], origin)
     if fmt != "messages":
         raise ConfigError(f"unknown text format {fmt!r}")
-    turns = row.get(fields.messages)
-    if turns is None:
-        turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{origin}: field {fields.messages!r} must be a non-empty list of turns")
     messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{origin}: turn {k} is not an object")
-        raw_role = turn.get(fields.role) if turn.get(fields.role) is not None else turn.get("from")
-        content = turn.get(fields.content) if turn.get(fields.content) is not None else turn.get("value")
-        if raw_role is None or not isinstance(content, str):
-            raise DataError(f"{origin}: turn {k} needs {fields.role!r} and a text {fields.content!r} "
-                            f"(or ShareGPT 'from'/'value'); got keys {sorted(k for k, v in turn.items() if v is not None)}")
+    for k, raw_role, content in raw_turns(row, fields.messages, fields.role, fields.content, origin):
+        if not isinstance(content, str):
+            raise DataError(f"{origin}: turn {k}: {fields.content!r} must be text, got {type(content).__name__}")
         messages.append({"role": _role(raw_role, fields, origin), "content": content})
     return Conversation(messages, origin)
 

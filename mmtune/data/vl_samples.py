@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from mmtune.data.readers import read_saved_dataset
 from mmtune.data.splits import SPLIT_ALIASES
-from mmtune.data.text import ROLE_ALIASES, _load_rows
+from mmtune.data.text import ROLE_ALIASES, _load_rows, raw_turns
 from mmtune.errors import ConfigError, DataError
 
 VisualFormat = Literal["auto", "caption", "vqa", "chat"]
@@ -200,19 +200,8 @@ def row_to_sample(row: dict, fmt: str, fields: VisualFields, root: Path, origin:
 
 
 def _chat_messages(row: dict, fields: VisualFields, sid: str, placeholder: str) -> list[dict]:
-    turns = row.get(fields.messages)
-    if turns is None:
-        turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"sample {sid}: field {fields.messages!r} (or 'conversations') must be a non-empty list of turns")
     messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"sample {sid}: turn {k} is not an object")
-        raw_role = turn.get(fields.role) if turn.get(fields.role) is not None else turn.get("from")
-        content = turn.get(fields.content) if turn.get(fields.content) is not None else turn.get("value")
-        if raw_role is None or content is None:
-            raise DataError(f"sample {sid}: turn {k} needs {fields.role!r} and {fields.content!r} (or 'from'/'value')")
+    for k, raw_role, content in raw_turns(row, fields.messages, fields.role, fields.content, f"sample {sid}"):
         role = _role(raw_role, sid)
         if isinstance(content, str):
             parts = split_placeholders(content, placeholder)
