@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import make_color_set, run_cli, write_config, write_csv
 from mmtune import DataError, ImageClassificationData
 from mmtune.data.images import load_image
-from mmtune.data.splits import assign_splits
+from mmtune.data.splits import assign_splits, split_name
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                "interpolation": "bilinear", "crop_pct": 1.0}
@@ -185,3 +185,15 @@ def test_empty_label_in_multiclass_data(tmp_path):
         f.write("red/1.png,,g1\n")
     with pytest.raises(DataError, match="row 14: empty label"):
         _dm(manifest, split=(1.0, 0.0, 0.0)).setup("fit")
+
+
+def test_a_split_a_source_names_is_read_by_its_aliases_or_refused_with_its_row(tmp_path):
+    assert [split_name(v, "x") for v in ("Train", " validation", "dev", "TEST", "", None)] == \
+        ["train", "val", "val", "test", None, None]
+    from mmtune.data.pairs import read_pairs
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = write_csv(tmp_path / "pairs.csv", ["image", "text", "split"],
+                         [("a.png", "a red square", "train"), ("a.png", "a red square", "holdout")])
+    with pytest.raises(DataError, match=r"pairs.csv row 3: unknown split 'holdout' \(use train, val or test\)"):
+        read_pairs(str(manifest))

@@ -24,7 +24,7 @@ from mmtune.data.pair_module import ContrastivePairData
 from mmtune.data.readers import _rows, read_saved_dataset
 from mmtune.data.samplers import seed_everything_from
 from mmtune.data.transforms import AugmentSpec, build_transform
-from mmtune.data.splits import SPLIT_ALIASES
+from mmtune.data.splits import split_name
 from mmtune.errors import DataError
 
 
@@ -99,13 +99,7 @@ def read_pairs(source: str, image_column: str = "image", text_column: str = "tex
         image = Path(str(row[image_column] or "")).expanduser()
         image = image if image.is_absolute() else root / image
         text = str(row[text_column] or "").strip()
-        split = folder_split or row.get(split_column)
-        if split not in (None, ""):
-            if str(split).lower() not in SPLIT_ALIASES:
-                raise DataError(f"{origin}: unknown split {split!r} (use train, val or test)")
-            split = SPLIT_ALIASES[str(split).lower()]
-        else:
-            split = None
+        split = split_name(folder_split or row.get(split_column), origin)
         group = None
         if group_column:
             if group_column not in row:

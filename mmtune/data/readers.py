@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from mmtune.data.samples import ImageLabel
-from mmtune.data.splits import SPLIT_ALIASES
+from mmtune.data.splits import SPLIT_ALIASES, split_name
 from mmtune.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
@@ -94,13 +94,7 @@ def _read_manifest(path: Path, columns: ManifestColumns, separator: str) -> list
             labels = ()
         else:
             labels = tuple(x.strip() for x in str(raw).split(separator) if x.strip())
-        split = row.get(columns.split)
-        if split not in (None, ""):
-            if str(split).lower() not in SPLIT_ALIASES:
-                raise DataError(f"{origin}: unknown split {split!r} (use train, val or test)")
-            split = SPLIT_ALIASES[str(split).lower()]
-        else:
-            split = None
+        split = split_name(row.get(columns.split), origin)
         group = None
         if columns.group:
             if columns.group not in row:
@@ -142,9 +136,7 @@ def read_saved_dataset(folder: Path) -> tuple[list[dict], list[str], list[Option
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     rows, origins, splits = [], [], []
     for name, ds in parts:
-        split = SPLIT_ALIASES.get(str(name).lower()) if name is not None else None
-        if name is not None and split is None:
-            raise DataError(f"{folder}: unknown split {name!r} (use train, val or test)")
+        split = split_name(name, str(folder))
         for i, row in enumerate(ds.to_list()):
             rows.append(row)
             origins.append(f"{folder}[{name}] row {i}" if name else f"{folder} row {i}")

@@ -55,6 +55,20 @@ def assign_splits(
     return out
 
 
+def split_name(value, where: str) -> Optional[str]:
+    """The canonical split (`train`, `val`, `test`) a source names, or None when it names none.
+
+    Raises:
+        DataError: naming `where`, for a value that is not a split (or one of its aliases).
+    """
+    if value is None or str(value).strip() == "":
+        return None
+    name = SPLIT_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise DataError(f"{where}: unknown split {value!r} (use train, val or test)")
+    return name
+
+
 def place_in_splits(rows: list, extra: dict[str, list], ratios: Sequence[float], seed: int, grouped: bool,
                     source: str) -> list:
     """Gives every row of a data module a split and returns the rows of all splits.

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from mmtune.data.pair_module import ContrastivePairData
 from mmtune.data.pairs import normalize_text, stable_key
 from mmtune.data.readers import _rows
-from mmtune.data.splits import SPLIT_ALIASES
+from mmtune.data.splits import split_name
 from mmtune.errors import DataError
 
 
@@ -47,13 +47,7 @@ def read_query_docs(source: str, query_column: str, positive_column: str, negati
         for col in (query_column, positive_column):
             if not isinstance(row, dict) or col not in row:
                 raise DataError(f"{origin}: no {col!r} column (columns: {list(row) if isinstance(row, dict) else row})")
-        split = row.get(split_column)
-        if split not in (None, ""):
-            if str(split).lower() not in SPLIT_ALIASES:
-                raise DataError(f"{origin}: unknown split {split!r} (use train, val or test)")
-            split = SPLIT_ALIASES[str(split).lower()]
-        else:
-            split = None
+        split = split_name(row.get(split_column), origin)
         query, positive = str(row[query_column] or "").strip(), str(row[positive_column] or "").strip()
         negative = (str(row.get(negative_column) or "").strip() or None) if negative_column else None
         group = str(row.get(group_column)) if group_column else None

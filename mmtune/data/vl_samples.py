@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mmtune.data.readers import read_saved_dataset
-from mmtune.data.splits import SPLIT_ALIASES
+from mmtune.data.splits import split_name
 from mmtune.data.text import ROLE_ALIASES, _load_rows, raw_turns
 from mmtune.errors import ConfigError, DataError
 
@@ -191,11 +191,7 @@ def row_to_sample(row: dict, fmt: str, fields: VisualFields, root: Path, origin:
     if messages[-1]["role"] != "assistant":
         raise DataError(f"sample {sid}: the last turn must be the assistant's (the answer to learn)")
     group = _str(row, fields.group, sid, "group", required=False)
-    split = _str(row, fields.split, sid, "split", required=False)
-    if split is not None:
-        if split.lower() not in SPLIT_ALIASES:
-            raise DataError(f"sample {sid}: unknown split {split!r} (use train, val or test)")
-        split = SPLIT_ALIASES[split.lower()]
+    split = split_name(_str(row, fields.split, sid, "split", required=False), f"sample {sid}")
     return VisualConversation(sid, messages, images, answers, answer_type, group, split)
 
 
