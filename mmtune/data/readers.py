@@ -100,7 +100,9 @@ def _read_manifest(path: Path, columns: ManifestColumns, separator: str) -> list
             if columns.group not in row:
                 raise DataError(f"{origin}: no group column {columns.group!r} (columns: {list(row)})")
             group = str(row[columns.group])
-        samples.append(ImageLabel(str(image), labels, group, split, origin))
+        used = {columns.path, columns.label, columns.split}
+        meta = {k: v for k, v in row.items() if k not in used and k is not None}
+        samples.append(ImageLabel(str(image), labels, group, split, origin, meta))
     return samples
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 
 @dataclass
@@ -16,6 +16,7 @@ class ImageLabel:
         group: group key (patient, study, lot) that must not cross splits.
         split: split named by the source (`train`, `val`, `test`), if any.
         origin: where it came from, for error messages (`manifest.csv row 12`).
+        meta: the manifest's other columns (sex, age band, site, scanner, ...), for subgroup audits.
     """
 
     path: str
@@ -23,3 +24,4 @@ class ImageLabel:
     group: Optional[str] = None
     split: Optional[str] = None
     origin: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)

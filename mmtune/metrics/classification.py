@@ -1,5 +1,8 @@
 """Classification metrics: accuracy, macro-F1, AUROC (macro and per class), per-class sensitivity and
-specificity, and the confusion matrix, for multi-class and multi-label problems (torchmetrics)."""
+specificity, and the confusion matrix, for multi-class and multi-label problems.
+
+The counting metrics are torchmetrics'; AUROC is ranked on float64 log-odds from the logits
+(`mmtune.metrics.ranking`), since probabilities saturate and tie in float32."""
 
 from __future__ import annotations
 
@@ -10,21 +13,46 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics import ConfusionMatrix, MetricCollection
-from torchmetrics.classification import (
-    AUROC,
-    Accuracy,
-    F1Score,
-    Recall,
-    Specificity,
-)
+from torchmetrics import ConfusionMatrix, Metric, MetricCollection
+from torchmetrics.classification import Accuracy, F1Score, Recall, Specificity
+
+from mmtune.metrics.ranking import class_log_odds, weighted_auroc
+
+
+class LogOddsAUROC(Metric):
+    """One-vs-rest AUROC per class from logits (kept whole: AUROC needs every score), synchronized
+    across processes by torchmetrics. Classes without positives or negatives give NaN and are left
+    out of the macro mean."""
+
+    full_state_update = False
+
+    def __init__(self, multi_label: bool) -> None:
+        super().__init__()
+        self.multi_label = multi_label
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.logits.append(logits.detach().double())
+        self.target.append(target.detach().long())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        logits = torch.cat(self.logits) if isinstance(self.logits, list) else self.logits
+        target = torch.cat(self.target) if isinstance(self.target, list) else self.target
+        odds = class_log_odds(logits.cpu().numpy(), self.multi_label)
+        t = target.cpu().numpy()
+        per_class = [weighted_auroc(odds[:, c], t[:, c] > 0 if self.multi_label else t == c)[0]
+                     for c in range(odds.shape[1])]
+        values = torch.tensor(per_class, dtype=torch.float32)
+        finite = values[~values.isnan()]
+        return {"auroc": values, "auroc_macro": finite.mean() if len(finite) else torch.tensor(float("nan"))}
 
 
 class ClassificationMetrics(nn.Module):
-    """Updates from probabilities; thresholds multi-label scores per class before the counting metrics.
+    """Updates from logits; thresholds multi-label probabilities per class before the counting metrics.
 
     torchmetrics takes one threshold for all labels, so per-class thresholds are applied here and
-    the counting metrics receive 0/1 predictions; AUROC always sees the raw probabilities.
+    the counting metrics receive 0/1 predictions; AUROC always sees the raw logits.
     """
 
     def __init__(self, num_classes: int, multi_label: bool, thresholds: Union[float, Sequence[float]] = 0.5,
@@ -42,22 +70,21 @@ class ClassificationMetrics(nn.Module):
         if confusion:
             counting["confusion"] = ConfusionMatrix(task=task, **n)
         self.counting = MetricCollection(counting)
-        self.ranking = MetricCollection({"auroc_macro": AUROC(task=task, average="macro", **n),
-                                         "auroc": AUROC(task=task, average=None, **n)})
+        self.ranking = LogOddsAUROC(multi_label)
         self.multi_label = multi_label
         t = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
         self.register_buffer("thresholds", t.expand(num_classes).clone() if t.numel() == 1 else t, persistent=False)
 
-    def predict(self, probs: torch.Tensor) -> torch.Tensor:
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """0/1 predictions (multi-label) or class indices (multi-class)."""
         if self.multi_label:
-            return (probs >= self.thresholds).long()
-        return probs.argmax(dim=-1)
+            return (logits.float().sigmoid() >= self.thresholds).long()
+        return logits.argmax(dim=-1)
 
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         target = target.long()
-        self.counting.update(self.predict(probs), target)
-        self.ranking.update(probs, target)
+        self.counting.update(self.predict(logits), target)
+        self.ranking.update(logits, target)
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {**self.counting.compute(), **self.ranking.compute()}

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
 from mmtune.errors import ConfigError, DataError
 from mmtune.metrics.classification import ClassificationMetrics, write_confusion_matrix
+from mmtune.metrics.records import SampleRecord
 from mmtune.models.vision import (
     CLASSIFIER_FAMILIES,
     VisionClassifier,
@@ -81,6 +82,7 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         self.classifier: Optional[VisionClassifier] = None
         self.adapter_report: Optional[AdapterReport] = None
         self._predictions: list[tuple[int, list[float]]] = []
+        self._test_logits: list[tuple[list[int], torch.Tensor]] = []
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
@@ -179,17 +181,19 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=len(batch["pixels"]))
         return loss
 
-    def _eval_step(self, batch: dict, metrics: ClassificationMetrics, stage: str) -> None:
+    def _eval_step(self, batch: dict, metrics: ClassificationMetrics, stage: str) -> torch.Tensor:
         logits = self(batch["pixels"])
         loss = sum(self.loss_terms(logits, batch["target"]).values())
         self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(logits))
-        metrics.update(self.probabilities(logits), batch["target"])
+        metrics.update(logits, batch["target"])
+        return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        logits = self._eval_step(batch, self.test_metrics, "test")
+        self._test_logits.append((batch["index"].tolist(), logits.detach().float().cpu()))
 
     def _log_metrics(self, metrics: ClassificationMetrics, stage: str) -> dict:
         values = metrics.compute()  # synchronized across processes by torchmetrics
@@ -212,6 +216,28 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         out = common.run_dir(self.trainer)
         if out is not None and self.trainer.is_global_zero:
             write_confusion_matrix(values["confusion"], self.classes, out)
+        self._publish_records("test", self._test_logits)
+        self._test_logits = []
+
+    def _publish_records(self, stage: str, batches: list[tuple[list[int], torch.Tensor]]) -> None:
+        """One record per image: its manifest row, true and predicted class indices, raw logits and
+        metadata columns (the evaluation room computes intervals, subgroups and calibration from them)."""
+        samples = self.trainer.test_dataloaders.dataset.samples if stage == "test" else \
+            self.trainer.val_dataloaders.dataset.samples
+        index = {c: i for i, c in enumerate(self.classes)}
+        metrics = self.test_metrics if stage == "test" else self.val_metrics
+        records = []
+        for rows, logits in batches:
+            predicted = metrics.predict(logits)
+            for i, row_logits, row_pred in zip(rows, logits, predicted):
+                s = samples[i]
+                pred = row_pred.nonzero().flatten().tolist() if self.hparams.multi_label else [int(row_pred)]
+                meta = {**s.meta, "path": s.path, **({"group": s.group} if s.group is not None else {})}
+                records.append(SampleRecord(id=s.origin or s.path, target=[index[c] for c in s.labels],
+                                            prediction=pred, scores=row_logits.tolist(), meta=meta))
+        common.publish_records(self, stage, "classification", records, {
+            "classes": self.classes, "multi_label": bool(self.hparams.multi_label),
+            "thresholds": metrics.thresholds.tolist()})
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         probs = self.probabilities(self(batch["pixels"]))

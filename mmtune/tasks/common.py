@@ -17,6 +17,7 @@ from torch import nn
 from mmtune.adapters import trainable_state_dict
 from mmtune.callbacks import RunSummary, StepSeed
 from mmtune.errors import ModelError
+from mmtune.metrics.records import RecordSet, SampleRecord, write_records
 from mmtune.optim import build_optimizer, build_scheduler, param_groups
 from mmtune.specs import AdapterSpec, MonitorSpec, OptimizerSpec
 
@@ -196,6 +197,31 @@ def gather_objects(items: list) -> list:
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
+
+
+def publish_records(module: L.LightningModule, stage: str, kind: str, records: list[SampleRecord],
+                    info: Optional[dict] = None) -> RecordSet:
+    """Hands out a stage's per-sample records: gathered from every process (the padding a distributed
+    sampler adds is dropped by id), kept on the module as `records[stage]` and written by rank 0 to
+    `<run>/records/<stage>.jsonl`, where evaluation, reports and exports read them.
+
+    Call it on every rank (it gathers).
+    """
+    unique: dict[str, SampleRecord] = {}
+    for record in gather_objects(records):
+        unique.setdefault(record.id, record)
+    info = dict(info or {})
+    trainer = module._trainer
+    if trainer is not None and trainer.ckpt_path:
+        info.setdefault("ckpt_path", str(trainer.ckpt_path))
+    result = RecordSet(kind, list(unique.values()), {"stage": stage, **info})
+    if not hasattr(module, "records"):
+        module.records = {}
+    module.records[stage] = result
+    out = run_dir(trainer)
+    if out is not None and trainer.is_global_zero:
+        write_records(out / "records" / f"{stage}.jsonl", result)
+    return result
 
 
 def read_checkpoint_hparams(path: str) -> dict:

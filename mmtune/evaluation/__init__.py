@@ -1,0 +1,6 @@
+"""Evaluation a team can sign off on: intervals, baseline comparisons, subgroups, calibration, reports.
+
+A room of its own: it reads the per-sample records the tasks hand out (`mmtune.metrics.records`) and
+the run directory's files, and is used by the CLI (`mmtune test`, `mmtune evaluate`, `mmtune report`).
+It never reaches into a task.
+"""
