@@ -1,4 +1,5 @@
-"""The `mmtune` command: LightningCLI verbs (fit, validate, test, predict) plus `export` and `data align`.
+"""The `mmtune` command: LightningCLI verbs (fit, validate, test, predict), `evaluate` (tuned against a
+baseline), `export` and `data align`.
 
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import mmtune  # noqa: F401  (registers the task and data classes for short class_path names)
 from mmtune.errors import ConfigError, MMTuneError
+from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.tasks.common import load_task, read_checkpoint_hparams
 
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
@@ -44,6 +46,93 @@ class MMTuneCLI(LightningCLI):
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="Run name (default: the last --config file's name); runs go to runs_dir/run_name/version_N")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of all runs")
+        parser.add_dataclass_arguments(EvaluationSpec, "evaluation")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "evaluate": {"model", "dataloaders", "datamodule"}}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """LightningCLI's subcommands, plus `evaluate`, whose arguments come from `MMTuneCLI.evaluate`
+        (LightningCLI takes every verb's arguments from a Trainer method of the same name)."""
+        from lightning.pytorch.cli import _get_short_description
+
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            klass = type(self) if name == "evaluate" else self.trainer_class
+            description = _get_short_description(getattr(klass, name))
+            sub = self._prepare_subcommand_parser(klass, name, **{"description": description, **kwargs.get(name, {})})
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=description)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "evaluate":  # LightningCLI looks the verb up on the Trainer first
+            self.evaluate(**self._prepare_subcommand_kwargs(subcommand))
+            return
+        super()._run_subcommand(subcommand)
+
+    def evaluate(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None,
+                 ckpt_path: Optional[str] = None, baseline: Optional[str] = None) -> None:
+        """Score the tuned model and a baseline on the same test set, with paired bootstrap intervals.
+
+        Args:
+            model: the tuned task (built from the config).
+            datamodule: the test data.
+            ckpt_path: the tuned checkpoint (`best`, `last` or a file).
+            baseline: `base` (the untuned model), another checkpoint, or an `mmtune export` folder; None
+                scores the tuned model alone, with intervals.
+        """
+        from mmtune.evaluation.baseline import build_baseline
+        from mmtune.evaluation.run import compare_records, comparison_table, headline
+
+        spec = self._evaluation_spec()
+        base_records = None
+        if baseline:
+            # The baseline goes first, so the run directory's test outputs (metrics.json's test entry,
+            # confusion matrix, predictions, records) are the tuned model's.
+            base_task = build_baseline(model, baseline)
+            self.trainer.test(base_task, datamodule=datamodule, verbose=False)
+            base_records = base_task.records["test"]
+        self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        self._summarize("test")
+        if base_records is not None:
+            result = compare_records(self.run_dir, model.records["test"], base_records, baseline, spec)
+            print(f"[mmtune] tuned ({ckpt_path}) against baseline ({baseline}), {len(base_records)} test samples, "
+                  f"paired bootstrap of {spec.bootstrap.resamples} resamples:")
+            print(comparison_table(headline(result, limit=20), spec.bootstrap.confidence))
+
+    def _evaluation_spec(self) -> EvaluationSpec:
+        from mmtune.evaluation.bootstrap import BootstrapSpec
+        from mmtune.specs import as_spec
+
+        raw = self._get(self.config_init, "evaluation")
+        if isinstance(raw, EvaluationSpec):
+            return raw
+        raw = dict(raw or {})
+        raw["bootstrap"] = as_spec(BootstrapSpec, raw.get("bootstrap"))
+        return EvaluationSpec(**raw)
+
+    def _summarize(self, stage: str) -> None:
+        """Intervals for the test metrics (into metrics.json), printed as a table; rank 0 only."""
+        from mmtune.evaluation.bootstrap import Interval
+        from mmtune.evaluation.run import headline, interval_table, summarize_test
+
+        records = getattr(self.model, "records", {}).get(stage)
+        if records is None or not self.trainer.is_global_zero:
+            return
+        spec = self._evaluation_spec()
+        if len(records) < 2:
+            print(f"[mmtune] {len(records)} test sample(s): no bootstrap intervals")
+            return
+        entry = summarize_test(self.run_dir, records, spec)
+        values = {k: Interval(**v) for k, v in entry["intervals"].items()}
+        print(f"[mmtune] {len(records)} test samples; {spec.bootstrap.confidence:.0%} bootstrap intervals "
+              f"({spec.bootstrap.resamples} resamples, seed {spec.bootstrap.seed}):")
+        print(interval_table(headline(values), spec.bootstrap.confidence))
+
+    def after_test(self) -> None:
+        self._summarize("test")
 
     def _parse_ckpt_path(self) -> None:
         """Disables LightningCLI's merge of checkpoint hyperparameters into the config.

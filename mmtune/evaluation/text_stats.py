@@ -4,8 +4,8 @@ Corpus BLEU and chrF are not means of sentence scores: they are functions of n-g
 over the corpus. Keeping each sample's counts makes a bootstrap resample (a weighted sum of the
 counts) give exactly the score torchmetrics would compute on that resample, at the cost of one
 matrix product instead of a thousand corpus passes. The definitions follow torchmetrics'
-`BLEUScore(n_gram=4, smooth=True)` and `CHRFScore()` (char 6-grams, no word n-grams, beta 2, spaces
-removed); a test checks both against torchmetrics.
+`BLEUScore(n_gram=4, smooth=True)` and `CHRFScore()` (chrF++: character 6-grams and word 2-grams,
+beta 2, spaces removed); a test checks both against torchmetrics.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import numpy as np
 
 BLEU_ORDER = 4
 CHRF_ORDER = 6
+CHRF_WORD_ORDER = 2
 CHRF_BETA = 2.0
+_PUNCTUATION = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 _EPS = 1e-16  # torchmetrics' chrF smoothing of the F-score denominator
 
 
@@ -50,22 +52,44 @@ def _chars(text: str) -> list[str]:
     return list(text.strip().replace(" ", ""))
 
 
+def _words(text: str) -> list[str]:
+    """Words with a leading or trailing punctuation mark split off (chrF++'s word tokens)."""
+    out = []
+    for word in text.strip().split():
+        if len(word) > 1 and word[-1] in _PUNCTUATION:
+            out += [word[:-1], word[-1]]
+        elif len(word) > 1 and word[0] in _PUNCTUATION:
+            out += [word[0], word[1:]]
+        else:
+            out.append(word)
+    return out
+
+
+def _orders() -> list[tuple]:
+    return [(_chars, n) for n in range(1, CHRF_ORDER + 1)] + [(_words, n) for n in range(1, CHRF_WORD_ORDER + 1)]
+
+
 def chrf_stats(prediction: str, reference: str) -> np.ndarray:
-    """[matches_1..6, prediction n-grams_1..6, reference n-grams_1..6] (character n-grams) of one sample."""
-    pred, ref = _chars(prediction), _chars(reference)
+    """[matches, prediction n-grams, reference n-grams] for character 1..6- and word 1..2-grams of one
+    sample (3 x 8 numbers)."""
     matches, hyp, tgt = [], [], []
-    for n in range(1, CHRF_ORDER + 1):
-        p, r = _ngrams(pred, n), _ngrams(ref, n)
+    for split, n in _orders():
+        p, r = _ngrams(split(prediction), n), _ngrams(split(reference), n)
         matches.append(sum((p & r).values()))
         hyp.append(sum(p.values()))
         tgt.append(sum(r.values()))
-    return np.array(matches + hyp + tgt, dtype=np.float64)
+    stats = np.array(matches + hyp + tgt, dtype=np.float64)
+    if chrf_from_stats(stats)[0] == 0.0:
+        # torchmetrics keeps a reference's statistics only when it scores above 0 (its best-reference
+        # search starts at 0), so a sentence without any match adds its prediction n-grams alone.
+        stats[2 * len(matches):] = 0.0
+    return stats
 
 
 def chrf_from_stats(summed: np.ndarray) -> np.ndarray:
-    """Corpus chrF (0-1, as torchmetrics reports it) from [B, 18] summed `chrf_stats`."""
+    """Corpus chrF++ (0-1, as torchmetrics reports it) from [B, 24] summed `chrf_stats`."""
     summed = np.atleast_2d(summed)
-    k = CHRF_ORDER
+    k = CHRF_ORDER + CHRF_WORD_ORDER
     matches, hyp, ref = summed[:, :k], summed[:, k:2 * k], summed[:, 2 * k:]
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(hyp > 0, matches / hyp, 0.0)

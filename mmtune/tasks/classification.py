@@ -51,6 +51,8 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         predictions_file: where `predict` writes its CSV (default: `predictions.csv` in the run directory).
     """
 
+    untuned_baseline = False  # the head trains from scratch: `mmtune evaluate --baseline base` is meaningless
+
     def __init__(
         self,
         model: ModelSpec,
