@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from mmtune.data.samplers import seed_everything_from
+from mmtune.files import read_json, write_text_atomic
 
 
 class StepSeed(Callback):
@@ -36,38 +38,87 @@ def _scalar(value: Any) -> Optional[float]:
     return None
 
 
-class RunSummary(Callback):
-    """Writes `metrics.json` in the run directory (rank 0 only): the best checkpoint, its score and the
-    final metrics of fit, plus the metrics of each validate/test call, and the parameter counts."""
+def _checkpoint_position(path: Optional[str]) -> dict:
+    """The epoch and global step a checkpoint was saved at (read from the file, weights mapped lazily)."""
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 (a checkpoint this run wrote; its position is a nicety, not a must)
+        return {}
+    return {"best_epoch": ckpt.get("epoch"), "best_step": ckpt.get("global_step")}
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str, extra: Optional[dict] = None) -> None:
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+
+class RunSummary(Callback):
+    """Writes `metrics.json` in the run directory (rank 0 only): the best checkpoint (path, score, the
+    epoch and step it was saved at) and the final metrics of fit, the metrics of each validate/test
+    call, the wall time of each verb, and the parameter counts. A fit that stops on an exception (a
+    crash, Ctrl-C) still writes its `fit` entry, marked `interrupted`."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    def _start(self, key: str) -> None:
+        self._started[key] = time.monotonic()
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str, extra: Optional[dict] = None,
+               log_dir: Optional[str] = None) -> None:
+        log_dir = log_dir or trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero or not log_dir:
             return
         path = Path(log_dir) / "metrics.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = read_json(path, {})
         metrics = {k: v for k, v in ((k, _scalar(v)) for k, v in trainer.callback_metrics.items()) if v is not None}
         entry = {"metrics": dict(sorted(metrics.items())), **(extra or {})}
+        if key in self._started:
+            entry["wall_time_s"] = round(time.monotonic() - self._started[key], 3)
         report = getattr(pl_module, "adapter_report", None)
         if report is not None:
             data["parameters"] = {"trainable": report.trainable, "total": report.total, "adapted_modules": len(report.adapted)}
         data[key] = entry
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2))
+        write_text_atomic(path, json.dumps(data, indent=2))
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _fit_extra(self, trainer: L.Trainer) -> dict:
         extra = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
         for ckpt in trainer.checkpoint_callbacks:
             if ckpt.monitor:
                 extra.update(best_model_path=ckpt.best_model_path or None, best_score=_scalar(ckpt.best_model_score),
-                             monitor=ckpt.monitor)
+                             monitor=ckpt.monitor, **_checkpoint_position(ckpt.best_model_path))
             else:
                 extra.update(last_model_path=ckpt.best_model_path or None)
-        self._write(trainer, pl_module, "fit", extra)
+        return extra
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("fit")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "fit", self._fit_extra(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or "fit" not in self._started:
+            return
+        # Only the failing process gets here: no collective (trainer.log_dir broadcasts), rank 0's own folder.
+        local = trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir
+        self._write(trainer, pl_module, "fit", {**self._fit_extra(trainer), "interrupted": True,
+                                                "error": f"{type(exception).__name__}: {exception}"[:500]},
+                    log_dir=local)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._start("validate")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "validate":
             self._write(trainer, pl_module, "validate")
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("test")
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, "test", {"ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None})
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("predict")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "predict", {"ckpt_path": str(trainer.ckpt_path) if trainer.ckpt_path else None})

@@ -215,6 +215,48 @@ def test_test_writes_records_and_intervals(fitted, capsys):
     assert summary["bootstrap"]["resamples"] == 200
     assert records.records[0].meta["group"].startswith("g")  # the manifest's columns travel with the records
     assert "95% CI" in capsys.readouterr().out
+    assert summary["wall_time_s"] > 0 and summary["ckpt_path"].endswith("best.ckpt")
+
+
+def test_metrics_json_names_the_best_checkpoint_and_wall_times(fitted):
+    cfg, runs, run = fitted
+    fit = json.loads((run / "metrics.json").read_text())["fit"]
+    best = torch.load(fit["best_model_path"], map_location="cpu", weights_only=True)
+    assert (fit["best_epoch"], fit["best_step"]) == (best["epoch"], best["global_step"])
+    assert fit["wall_time_s"] > 0 and "interrupted" not in fit
+
+
+def test_confusion_matrix_names_split_and_checkpoint_with_a_normalised_view(fitted):
+    import csv
+
+    cfg, runs, run = fitted
+    run_cli("test", "--config", cfg, "--runs_dir", runs, "--ckpt_path", "best", "--evaluation.bootstrap.resamples", "20")
+    counts = list(csv.reader((run / "confusion_matrix.csv").open()))[1:]
+    shares = list(csv.reader((run / "confusion_matrix_normalized.csv").open()))[1:]
+    for count_row, share_row in zip(counts, shares):
+        n = sum(int(v) for v in count_row[1:])
+        assert [float(v) for v in share_row[1:]] == pytest.approx([int(v) / n for v in count_row[1:]], abs=1e-4)
+
+
+def test_an_interrupted_fit_still_writes_its_fit_entry(tmp_path, tiny_models, color_set):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mmtune import ImageClassificationData, ImageClassificationTask, ModelSpec
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("node lost")
+
+    task = ImageClassificationTask(model=ModelSpec(name=str(tiny_models["cnn"])))
+    data = ImageClassificationData(path=str(color_set), batch_size=8, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=CSVLogger(tmp_path, name="run", version=0),
+                        callbacks=[Crash()], enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer.fit(task, datamodule=data)
+    fit = json.loads((tmp_path / "run" / "version_0" / "metrics.json").read_text())["fit"]
+    assert fit["interrupted"] is True and "node lost" in fit["error"] and fit["global_step"] == 3
 
 
 def test_evaluate_against_itself_and_refuses_base_for_a_classifier(fitted, capsys):

@@ -94,43 +94,55 @@ class ClassificationMetrics(nn.Module):
         self.ranking.reset()
 
 
-def write_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], out_dir: Path) -> list[Path]:
-    """Writes `confusion_matrix.csv` and `.png` (rows: true class, columns: predicted class).
+def write_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], out_dir: Path, split: str = "test",
+                           checkpoint: str | None = None) -> list[Path]:
+    """Writes `confusion_matrix.csv` (counts), `confusion_matrix_normalized.csv` (each true class's
+    row as shares) and `.png` (both views side by side, titled with the split and checkpoint).
 
-    A multi-label (L, 2, 2) matrix is written as one row per label: tn, fp, fn, tp.
+    Rows: true class, columns: predicted class. A multi-label (L, 2, 2) matrix is written as one row
+    per label: tn, fp, fn, tp (normalized: as shares of the label's negatives, resp. positives).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out_dir / "confusion_matrix.csv", out_dir / "confusion_matrix.png"
     m = matrix.detach().cpu().long()
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        if m.ndim == 3:
-            writer.writerow(["label", "tn", "fp", "fn", "tp"])
-            for c, cm in zip(classes, m):
-                writer.writerow([c, *cm.flatten().tolist()])
-        else:
-            writer.writerow(["true \\ predicted", *classes])
-            for c, row in zip(classes, m):
-                writer.writerow([c, *row.tolist()])
+    if m.ndim == 3:
+        header, rows, cols = ["label", "tn", "fp", "fn", "tp"], m.reshape(len(classes), 4).numpy(), ["tn", "fp", "fn", "tp"]
+        totals = np.stack([rows[:, 0] + rows[:, 1]] * 2 + [rows[:, 2] + rows[:, 3]] * 2, axis=1)
+    else:
+        header, rows, cols = ["true \\ predicted", *classes], m.numpy(), list(classes)
+        totals = rows.sum(axis=1, keepdims=True).repeat(rows.shape[1], axis=1)
+    shares = np.divide(rows, totals, out=np.zeros(rows.shape), where=totals > 0)
+    paths = []
+    for name, grid, fmt in (("confusion_matrix.csv", rows, str), ("confusion_matrix_normalized.csv", shares,
+                                                                    lambda v: f"{v:.4f}")):
+        path = out_dir / name
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for c, row in zip(classes, grid):
+                writer.writerow([c, *(fmt(v) for v in row)])
+        paths.append(path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = m.numpy() if m.ndim == 2 else m.reshape(len(classes), 4).numpy()
-    cols = list(classes) if m.ndim == 2 else ["tn", "fp", "fn", "tp"]
     size = max(4.0, 0.5 * max(len(classes), len(cols)) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(grid, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), list(classes))
-    ax.set_xlabel("predicted" if m.ndim == 2 else "outcome")
-    ax.set_ylabel("true" if m.ndim == 2 else "label")
-    dark = grid.max() / 2 if grid.size else 0
-    for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > dark else "black")
-    ax.set_title("confusion matrix")
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, grid, label, fmt in ((axes[0], rows, "counts", str), (axes[1], shares, "share of the true class",
+                                                                      lambda v: f"{v:.2f}")):
+        ax.imshow(grid, cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), list(classes))
+        ax.set_xlabel("predicted" if m.ndim == 2 else "outcome")
+        ax.set_ylabel("true" if m.ndim == 2 else "label")
+        dark = grid.max() / 2 if grid.size else 0
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, fmt(v), ha="center", va="center", color="white" if v > dark else "black")
+        ax.set_title(label)
+    where = f"{split} split" + (f", checkpoint {Path(checkpoint).name}" if checkpoint else "")
+    fig.suptitle(f"confusion matrix: {where}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    png = out_dir / "confusion_matrix.png"
+    fig.savefig(png, dpi=100)
     plt.close(fig)
-    return [csv_path, png_path]
+    return [*paths, png]

@@ -217,7 +217,8 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         values = self._log_metrics(self.test_metrics, "test")
         out = common.run_dir(self.trainer)
         if out is not None and self.trainer.is_global_zero:
-            write_confusion_matrix(values["confusion"], self.classes, out)
+            write_confusion_matrix(values["confusion"], self.classes, out, "test",
+                                   str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None)
         self._publish_records("test", self._test_logits)
         self._test_logits = []
 
