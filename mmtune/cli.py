@@ -210,7 +210,11 @@ def _export(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     task = load_task(args.ckpt_path)
     out = task.export(args.out)
-    print(f"[mmtune] exported {args.ckpt_path} -> {out}")
+    from mmtune.evaluation.model_card import write_model_card
+
+    ckpt = Path(args.ckpt_path)
+    card = write_model_card(out, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
+    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {card})")
 
 
 def _data(argv: list[str]) -> None:

@@ -282,3 +282,23 @@ def test_base_baseline_error_is_a_config_error(fitted):
     cfg, runs, run = fitted
     with pytest.raises(ConfigError, match="no untuned model"):
         build_baseline(load_task(str(run / "checkpoints" / "best.ckpt")), "base")
+
+
+def test_export_writes_a_model_card_that_round_trips(fitted, tmp_path):
+    from huggingface_hub import ModelCard
+
+    cfg, runs, run = fitted
+    run_cli("test", "--config", cfg, "--runs_dir", runs, "--ckpt_path", "best", "--evaluation.bootstrap.resamples", "50")
+    out = tmp_path / "exported"
+    run_cli("export", "--ckpt_path", run / "checkpoints" / "best.ckpt", "--out", out)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "timm" and card.data.base_model.endswith("cnn")
+    assert card.data.pipeline_tag == "image-classification" and "mmtune" in card.data.tags
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert results["accuracy"] == pytest.approx(test["intervals"]["accuracy"]["value"], abs=1e-6)
+    for heading in ("## Training data", "## Training procedure", "## Evaluation", "## Known limitations"):
+        assert heading in card.text, heading
+    assert "No subgroup audit was run" in card.text
+    again = ModelCard(str(card))
+    assert again.data.to_dict() == card.data.to_dict()
