@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmtune.evaluation.bootstrap import Comparison, Interval, compare, intervals
+from mmtune.evaluation.calibration import calibration_entry
 from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.files import read_json, update_json, write_text_atomic
 from mmtune.metrics.records import RecordSet, write_records
@@ -29,7 +30,10 @@ def data_summary(records: RecordSet) -> dict:
 
 def summarize_test(run_dir: Path, records: RecordSet, spec: EvaluationSpec, section: str = "test") -> dict:
     """Adds the test set's size, class counts and every metric's bootstrap interval to the `section`
-    entry of `metrics.json`, and writes the run report. Returns the entry."""
+    entry of `metrics.json`, and writes the run report. Returns the entry.
+
+    A calibrated classifier's records also give the top-level `calibration` entry (what was fitted on
+    validation, and the test set's calibration error before and after the temperature)."""
     path = Path(run_dir) / "metrics.json"
     entry = dict((read_json(path, {}) or {}).get(section) or {})
     entry.update(data_summary(records))
@@ -37,6 +41,9 @@ def summarize_test(run_dir: Path, records: RecordSet, spec: EvaluationSpec, sect
     entry["bootstrap"] = {"resamples": spec.bootstrap.resamples, "confidence": spec.bootstrap.confidence,
                           "seed": spec.bootstrap.seed}
     update_json(path, section, entry)
+    calibration = calibration_entry(records)
+    if calibration is not None:
+        update_json(path, "calibration", calibration)
     return entry
 
 

@@ -102,7 +102,9 @@ def expected_calibration_error(terms: np.ndarray, decisions: np.ndarray) -> Call
 
 
 def classification_metrics(records: RecordSet) -> list[Metric]:
-    """accuracy, f1_macro, auroc_macro, ap_macro, ece, and per class auroc, ap, sensitivity, specificity.
+    """accuracy, f1_macro, auroc_macro, ap_macro, ece (at the records' `temperature`; with a
+    temperature other than 1 also `ece_uncalibrated`, at 1), and per class auroc, ap, sensitivity and
+    specificity (of the records' predictions: at the operating point's thresholds when one was chosen).
 
     Same definitions as the task's torchmetrics: multi-label accuracy is over every (sample, label)
     decision; macro-F1 leaves out classes that neither occur nor are predicted.
@@ -129,6 +131,10 @@ def classification_metrics(records: RecordSet) -> list[Metric]:
     terms, decisions = calibration_error_terms(probabilities(a["logits"], multi, temperature), a["target"], multi)
     metrics = [Metric("accuracy", accuracy), Metric("f1_macro", f1_macro),
                Metric("ece", expected_calibration_error(terms, decisions), higher_is_better=False)]
+    if temperature != 1.0:  # temperature scaling: the error before it too, with its own interval
+        raw_terms, _ = calibration_error_terms(probabilities(a["logits"], multi), a["target"], multi)
+        metrics.append(Metric("ece_uncalibrated", expected_calibration_error(raw_terms, decisions),
+                              higher_is_better=False))
     per_class_auroc = [lambda w, c=c: weighted_auroc(odds[:, c], a["target"][:, c], w) for c in range(k)]
     per_class_ap = [lambda w, c=c: weighted_average_precision(odds[:, c], a["target"][:, c], w) for c in range(k)]
     metrics += [Metric("auroc_macro", lambda w: _nanmean([f(w) for f in per_class_auroc])),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,11 +52,13 @@ class ClassificationMetrics(nn.Module):
     """Updates from logits; thresholds multi-label probabilities per class before the counting metrics.
 
     torchmetrics takes one threshold for all labels, so per-class thresholds are applied here and
-    the counting metrics receive 0/1 predictions; AUROC always sees the raw logits.
+    the counting metrics receive 0/1 predictions; AUROC always sees the raw logits. A binary
+    multi-class task with a `positive` class decides by that class's probability and threshold (an
+    operating point) instead of argmax.
     """
 
     def __init__(self, num_classes: int, multi_label: bool, thresholds: Union[float, Sequence[float]] = 0.5,
-                 confusion: bool = False) -> None:
+                 confusion: bool = False, positive: Optional[int] = None) -> None:
         super().__init__()
         task = "multilabel" if multi_label else "multiclass"
         n = dict(num_labels=num_classes) if multi_label else dict(num_classes=num_classes)
@@ -72,6 +74,7 @@ class ClassificationMetrics(nn.Module):
         self.counting = MetricCollection(counting)
         self.ranking = LogOddsAUROC(multi_label)
         self.multi_label = multi_label
+        self.positive = positive if not multi_label and num_classes == 2 else None
         t = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
         self.register_buffer("thresholds", t.expand(num_classes).clone() if t.numel() == 1 else t, persistent=False)
 
@@ -79,6 +82,9 @@ class ClassificationMetrics(nn.Module):
         """0/1 predictions (multi-label) or class indices (multi-class)."""
         if self.multi_label:
             return (logits.float().sigmoid() >= self.thresholds).long()
+        if self.positive is not None:
+            p = logits.float().softmax(dim=-1)[:, self.positive]
+            return torch.where(p >= self.thresholds[self.positive], self.positive, 1 - self.positive)
         return logits.argmax(dim=-1)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:

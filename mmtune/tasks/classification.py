@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
 from mmtune.errors import ConfigError, DataError
+from mmtune.evaluation.calibration import calibrate, parse_operating_point, positive_index
+from mmtune.files import update_json
 from mmtune.metrics.classification import ClassificationMetrics, write_confusion_matrix
 from mmtune.metrics.records import SampleRecord
 from mmtune.models.vision import (
@@ -44,7 +46,16 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         class_weights: loss weights per class, `balanced` (inverse frequency; positive weights for
             multi-label), or None.
         label_smoothing: label smoothing for multi-class cross entropy.
-        thresholds: multi-label decision threshold, one for all or one per class.
+        thresholds: multi-label decision threshold, one for all or one per class (an
+            `operating_point` replaces them with thresholds chosen on validation).
+        calibration: `temperature` fits temperature scaling on the validation logits at every
+            validation; the temperature is saved with the weights and applied by test, predict and
+            export (argmax and AUROC do not change, probabilities and calibration error do).
+        operating_point: decision thresholds chosen on validation at every validation and saved
+            with the weights: `{sensitivity: 0.95}` (the highest threshold reaching it),
+            `{specificity: 0.9}` (the lowest), `max_f1` or `youden`; per class for multi-label
+            tasks, on the positive class for binary ones (`positive: <class>`, default the
+            second class). Refused for more than two exclusive classes.
         checkpoint_weights: what checkpoints hold: `trainable` (adapters, trained parts, buffers:
             small files; frozen weights reload from the base model), `full`, or `auto` (trainable
             when something is frozen and the base weights can be reloaded).
@@ -66,6 +77,8 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         thresholds: Union[float, list[float]] = 0.5,
         checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
         predictions_file: Optional[str] = None,
+        calibration: Literal["none", "temperature"] = "none",
+        operating_point: Union[None, str, dict[str, Union[float, str, bool]]] = None,
     ) -> None:
         super().__init__()
         self.model_spec = as_spec(ModelSpec, model)
@@ -73,18 +86,23 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         self.optimizer_spec = as_spec(OptimizerSpec, optimizer)
         self.monitor_spec = as_spec(MonitorSpec, monitor)
         resolve_classifier_ref(self.model_spec)  # fail at construction on an unknown model name
+        self.operating_point = parse_operating_point(operating_point)
         self.save_hyperparameters({
             "model": spec_to_dict(self.model_spec), "adapter": spec_to_dict(self.adapter_spec),
             "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
             "classes": list(classes) if classes else None, "multi_label": multi_label,
             "class_weights": class_weights, "label_smoothing": label_smoothing, "thresholds": thresholds,
             "checkpoint_weights": checkpoint_weights, "predictions_file": predictions_file,
+            "calibration": calibration, "operating_point": operating_point,
         })
         self.net: Optional[torch.nn.Module] = None
         self.classifier: Optional[VisionClassifier] = None
         self.adapter_report: Optional[AdapterReport] = None
         self._predictions: list[tuple[int, list[float]]] = []
         self._test_logits: list[tuple[list[int], torch.Tensor]] = []
+        self._val_outputs: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        self._calibration: Optional[dict] = None  # what was fitted on validation for the current weights
+        self._positive: Optional[int] = None
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
@@ -151,8 +169,13 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         thresholds = self.hparams.thresholds
         if isinstance(thresholds, list) and len(thresholds) != len(classes):
             raise ConfigError(f"thresholds has {len(thresholds)} values for {len(classes)} classes")
+        self._positive = positive_index(self.operating_point, classes, multi)
         self.val_metrics = ClassificationMetrics(len(classes), multi, thresholds)
-        self.test_metrics = ClassificationMetrics(len(classes), multi, thresholds, confusion=True)
+        self.test_metrics = ClassificationMetrics(len(classes), multi, thresholds, confusion=True, positive=self._positive)
+        # Fitted on validation for the current weights (`_calibrate`); persistent buffers, so every
+        # checkpoint (trainable-only ones too) holds the values fitted on its own weights.
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("decision_thresholds", self.val_metrics.thresholds.clone())
         weights = self.hparams.class_weights
         if isinstance(weights, list):
             if len(weights) != len(classes):
@@ -174,7 +197,12 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         return {"ce": F.cross_entropy(logits, target, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing)}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().sigmoid() if self.hparams.multi_label else logits.float().softmax(dim=-1)
+        """Calibrated probabilities: sigmoid or softmax of logits / temperature."""
+        z = logits.float() / self.temperature
+        return z.sigmoid() if self.hparams.multi_label else z.softmax(dim=-1)
+
+    def _calibrates(self) -> bool:
+        return self.hparams.calibration != "none" or self.operating_point is not None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(self(batch["pixels"]), batch["target"])
@@ -183,18 +211,27 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=len(batch["pixels"]))
         return loss
 
-    def _eval_step(self, batch: dict, metrics: ClassificationMetrics, stage: str) -> torch.Tensor:
+    def _eval_step(self, batch: dict, metrics: ClassificationMetrics, stage: str,
+                   temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = self(batch["pixels"])
         loss = sum(self.loss_terms(logits, batch["target"]).values())
         self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(logits))
-        metrics.update(logits, batch["target"])
+        metrics.update(logits if temperature is None else logits.float() / temperature, batch["target"])
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        # Validation metrics (which pick the best checkpoint) stay at the configured thresholds and
+        # T = 1; the logits are kept to fit this epoch's temperature and thresholds afterwards.
+        logits = self._eval_step(batch, self.val_metrics, "val")
+        if self._calibrates():  # only then: the gather of every validation logit is not free on large sets
+            self._val_outputs.append((batch["index"].tolist(), logits.detach().float().cpu(),
+                                      batch["target"].detach().cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.thresholds.copy_(self.decision_thresholds)  # as loaded with the checkpoint
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self._eval_step(batch, self.test_metrics, "test")
+        logits = self._eval_step(batch, self.test_metrics, "test", self.temperature)
         self._test_logits.append((batch["index"].tolist(), logits.detach().float().cpu()))
 
     def _log_metrics(self, metrics: ClassificationMetrics, stage: str) -> dict:
@@ -212,6 +249,46 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
+        outputs, self._val_outputs = self._val_outputs, []
+        if self._calibrates() and not self.trainer.sanity_checking:
+            self._calibrate(outputs)
+
+    def _calibrate(self, outputs: list[tuple[list[int], torch.Tensor, torch.Tensor]]) -> None:
+        """Fits the temperature and chooses the operating point's thresholds on this validation's
+        logits (from every process, so all ranks set the same values), and logs the calibration error."""
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for index, logits, target in common.gather_objects(outputs):
+            for i, z, t in zip(index, logits, target):
+                rows.setdefault(i, (z, t))  # a distributed sampler's padding repeats samples
+        if not rows:
+            return
+        order = sorted(rows)
+        fitted = calibrate(torch.stack([rows[i][0] for i in order]).numpy(),
+                           torch.stack([rows[i][1] for i in order]).numpy(), self.classes,
+                           bool(self.hparams.multi_label), self.hparams.calibration == "temperature",
+                           self.operating_point, self.val_metrics.thresholds.tolist())
+        # Every rank fitted the same values; sync_dist only keeps Lightning's epoch-level logging rule.
+        self.log("val/ece", fitted.ece_before, sync_dist=True)
+        if self.hparams.calibration == "temperature":
+            self.log("val/ece_calibrated", fitted.ece_after, sync_dist=True)
+            self.log("val/temperature", fitted.temperature, sync_dist=True)
+        self.temperature.fill_(fitted.temperature)
+        for name, value in fitted.thresholds.items():
+            self.decision_thresholds[self.classes.index(name)] = value
+        self._calibration = {**fitted.as_dict(), "epoch": self.current_epoch, "step": self.global_step}
+
+    def on_fit_end(self) -> None:
+        """The `calibration` entry of metrics.json: what the best checkpoint holds (fitted on its weights)."""
+        out = common.run_dir(self.trainer)
+        if not self._calibrates() or out is None or not self.trainer.is_global_zero:
+            return
+        entry = self._calibration
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or ""
+        if best and Path(best).is_file():
+            saved = torch.load(best, map_location="cpu", mmap=True, weights_only=False).get("mmtune_calibration")
+            entry = {**saved, "checkpoint": best} if saved else entry
+        if entry:
+            update_json(out / "metrics.json", "calibration", entry)
 
     def on_test_epoch_end(self) -> None:
         values = self._log_metrics(self.test_metrics, "test")
@@ -229,18 +306,24 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
             self.trainer.val_dataloaders.dataset.samples
         index = {c: i for i, c in enumerate(self.classes)}
         metrics = self.test_metrics if stage == "test" else self.val_metrics
+        temperature = float(self.temperature)
         records = []
         for rows, logits in batches:
-            predicted = metrics.predict(logits)
+            predicted = metrics.predict(logits / temperature)
             for i, row_logits, row_pred in zip(rows, logits, predicted):
                 s = samples[i]
                 pred = row_pred.nonzero().flatten().tolist() if self.hparams.multi_label else [int(row_pred)]
                 meta = {**s.meta, "path": s.path, **({"group": s.group} if s.group is not None else {})}
                 records.append(SampleRecord(id=s.origin or s.path, target=[index[c] for c in s.labels],
                                             prediction=pred, scores=row_logits.tolist(), meta=meta))
+        thresholds: list = metrics.thresholds.tolist()
+        if self._positive is not None:  # a binary operating point thresholds the positive class only
+            thresholds = [t if c == self._positive else None for c, t in enumerate(thresholds)]
         common.publish_records(self, stage, "classification", records, {
-            "classes": self.classes, "multi_label": bool(self.hparams.multi_label),
-            "thresholds": metrics.thresholds.tolist()})
+            "classes": self.classes, "multi_label": bool(self.hparams.multi_label), "thresholds": thresholds,
+            "temperature": temperature,
+            "operating_point": self.operating_point.as_dict() if self.operating_point else None,
+            "calibration": self._calibration if self._calibrates() else None})
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         probs = self.probabilities(self(batch["pixels"]))
@@ -255,11 +338,25 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
             return
         target = self.hparams.predictions_file or str((out or Path(".")) / "predictions.csv")
         samples = self.trainer.predict_dataloaders.dataset.samples
-        thresholds = self.val_metrics.thresholds.tolist() if self.hparams.multi_label else None
-        write_predictions(Path(target), [(samples[i].path, rows[i]) for i in sorted(rows)], self.classes, thresholds)
+        thresholds = self.decision_thresholds.tolist() if self.hparams.multi_label or self._positive is not None else None
+        write_predictions(Path(target), [(samples[i].path, rows[i]) for i in sorted(rows)], self.classes, thresholds,
+                          self._positive)
         rank_zero_info(f"[mmtune] wrote {len(rows)} predictions to {target}")
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._calibration is not None:
+            checkpoint["mmtune_calibration"] = self._calibration
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.setdefault("state_dict", {})
+        for name in ("temperature", "decision_thresholds"):  # checkpoints from before calibration
+            if hasattr(self, name) and name not in state:
+                state[name] = getattr(self, name).detach().clone()
+        self._calibration = checkpoint.get("mmtune_calibration")
+        super().on_load_checkpoint(checkpoint)
+
     def configure_optimizers(self) -> dict:
         clf = self.classifier
         raw = self._raw()
@@ -286,21 +383,34 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         CLASSIFIER_FAMILIES.get(clf.family).export(clf, out, self.classes)
         (out / "mmtune.json").write_text(json.dumps({
             "task": "image_classification", "classes": self.classes, "multi_label": bool(self.hparams.multi_label),
-            "thresholds": self.hparams.thresholds, "source_model": self.model_spec.name,
+            **self.decision_rule(), "source_model": self.model_spec.name,
         }, indent=2))
         return out
 
+    def decision_rule(self) -> dict:
+        """How probabilities and decisions are made from logits, for exports: `p = sigmoid(z / T)` (or
+        softmax); multi-label: class c when `p_c >= thresholds[c]`; binary with an operating point: the
+        positive class when its `p >= thresholds[positive]`; otherwise argmax."""
+        classes, t = self.classes, self.decision_thresholds.tolist()
+        decided = range(len(classes)) if self.hparams.multi_label else \
+            ([self._positive] if self._positive is not None else [])
+        return {"temperature": float(self.temperature), "thresholds": {classes[c]: t[c] for c in decided} or None,
+                "positive_class": classes[self._positive] if self._positive is not None else None,
+                "operating_point": self.operating_point.as_dict() if self.operating_point else None}
+
 
 def write_predictions(path: Path, rows: list[tuple[str, list[float]]], classes: list[str],
-                      thresholds: Optional[list[float]] = None) -> None:
-    """One CSV row per image: path, predicted label(s) (`a|b` for multi-label, given `thresholds`),
-    probability per class."""
+                      thresholds: Optional[list[float]] = None, positive: Optional[int] = None) -> None:
+    """One CSV row per image: path, predicted label(s) (`a|b` for multi-label, given `thresholds`; a
+    binary task's `positive` class when its probability reaches its threshold), probability per class."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "prediction", *[f"p_{c}" for c in classes]])
         for image, probs in rows:
-            if thresholds is not None:
+            if thresholds is not None and positive is not None:
+                label = classes[positive] if probs[positive] >= thresholds[positive] else classes[1 - positive]
+            elif thresholds is not None:
                 label = "|".join(c for c, p, t in zip(classes, probs, thresholds) if p >= t)
             else:
                 label = classes[max(range(len(probs)), key=probs.__getitem__)]
