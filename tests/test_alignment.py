@@ -93,17 +93,17 @@ def test_hard_negatives_are_extra_documents_unless_they_repeat_the_positive():
     negatives = -doc  # far from every query
     keys = (torch.arange(4), torch.arange(4))
     scale = torch.tensor(math.log(20.0))
-    plain = ClipLoss()(query, doc, scale, keys=keys)["image_to_text"]
+    plain = ClipLoss()(query, doc, scale, keys=keys)["i2t"]
     with_far = ClipLoss()(query, doc, scale, keys=keys, negatives=negatives, negative_keys=torch.arange(10, 14))
     with_close = ClipLoss()(query, doc, scale, keys=keys, negatives=doc.roll(1, 0), negative_keys=torch.arange(10, 14))
-    assert plain < with_far["image_to_text"] < with_close["image_to_text"]  # harder negatives cost more
+    assert plain < with_far["i2t"] < with_close["i2t"]  # harder negatives cost more
     # a "negative" equal to the row's own positive text is a positive (same key), not a false negative
     same = ClipLoss()(query, doc, scale, keys=keys, negatives=doc, negative_keys=torch.arange(4))
     ones = torch.ones(4, 8, dtype=torch.bool)
     target = torch.cat([torch.eye(4, dtype=torch.bool), torch.eye(4, dtype=torch.bool)], dim=1) & ones
     logits = 20.0 * query @ torch.cat([doc, doc]).T
     expected = (-(target.float() / 2 * F.log_softmax(logits, 1)).sum(1) - math.log(2)).mean()
-    assert same["image_to_text"].item() == pytest.approx(0.5 * expected.item(), abs=1e-5)
+    assert same["i2t"].item() == pytest.approx(0.5 * expected.item(), abs=1e-5)
 
 
 def test_a_batch_of_one_is_a_clear_error():
@@ -337,6 +337,43 @@ def test_siglip_text_lora_with_frozen_vision(tmp_path, siglip_dir, pairs):
     assert vision and all(torch.equal(b[k], m[k]) for k in vision)  # frozen tower unchanged
     assert any(not torch.equal(b[k], m[k]) for k in b if k.startswith("text_model.encoder"))
     assert not torch.equal(b["logit_bias"], m["logit_bias"])  # learnable bias trained
+
+
+def _logged_names(task, data, root: Path) -> set[str]:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, log_every_n_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(task, datamodule=data)
+    return set(trainer.callback_metrics)
+
+
+def _directions_by_stage(names: set[str]) -> tuple[set[str], set[str]]:
+    """Direction prefixes of the training loss terms and of the validation retrieval metrics."""
+    train = {n.split("/")[1] for n in names if n.startswith("train/")} - {"loss", "logit_scale"}
+    val = {n.split("/")[1].split("_r@")[0] for n in names if n.startswith("val/") and "_r@" in n}
+    return train, val
+
+
+def test_training_and_validation_name_directions_alike_for_both_data_kinds(tmp_path, clip_dir, pairs):
+    from conftest import write_csv
+    from mmtune import ImageTextAlignmentTask, ImageTextPairData, ModelSpec, MonitorSpec, QueryDocData
+    from support.tiny_align import save_tiny_sentence_encoder
+
+    monitor = MonitorSpec(early_stopping=False, save_best=False, save_last=False)
+    images = _logged_names(ImageTextAlignmentTask(ModelSpec(name=str(clip_dir)), monitor=monitor),
+                           ImageTextPairData(path=str(pairs), batch_size=8, num_workers=0, split=(0.5, 0.25, 0.25)),
+                           tmp_path)
+    assert _directions_by_stage(images) == ({"i2t", "t2i"}, {"i2t", "t2i"}), sorted(images)
+
+    rows = [(f"{size} {color} {shape}", f"a photo of the {size} {color} {shape}")
+            for size in ("small", "big") for color in ("red", "green", "blue", "yellow") for shape in ("square", "circle")]
+    manifest = write_csv(tmp_path / "queries.csv", ["query", "positive"], rows)
+    encoder = save_tiny_sentence_encoder(tmp_path / "encoder")
+    texts = _logged_names(ImageTextAlignmentTask(ModelSpec(name=str(encoder)), monitor=monitor),
+                          QueryDocData(path=str(manifest), batch_size=4, split=(0.5, 0.5, 0.0)), tmp_path)
+    assert _directions_by_stage(texts) == ({"q2d", "d2q"}, {"q2d", "d2q"}), sorted(texts)
 
 
 # ---- distributed ----------------------------------------------------------------------------------
