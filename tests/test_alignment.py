@@ -93,17 +93,17 @@ def test_hard_negatives_are_extra_documents_unless_they_repeat_the_positive():
     negatives = -doc  # far from every query
     keys = (torch.arange(4), torch.arange(4))
     scale = torch.tensor(math.log(20.0))
-    plain = ClipLoss()(query, doc, scale, keys=keys)["image_to_text"]
+    plain = ClipLoss()(query, doc, scale, keys=keys)["i2t"]
     with_far = ClipLoss()(query, doc, scale, keys=keys, negatives=negatives, negative_keys=torch.arange(10, 14))
     with_close = ClipLoss()(query, doc, scale, keys=keys, negatives=doc.roll(1, 0), negative_keys=torch.arange(10, 14))
-    assert plain < with_far["image_to_text"] < with_close["image_to_text"]  # harder negatives cost more
+    assert plain < with_far["i2t"] < with_close["i2t"]  # harder negatives cost more
     # a "negative" equal to the row's own positive text is a positive (same key), not a false negative
     same = ClipLoss()(query, doc, scale, keys=keys, negatives=doc, negative_keys=torch.arange(4))
     ones = torch.ones(4, 8, dtype=torch.bool)
     target = torch.cat([torch.eye(4, dtype=torch.bool), torch.eye(4, dtype=torch.bool)], dim=1) & ones
     logits = 20.0 * query @ torch.cat([doc, doc]).T
     expected = (-(target.float() / 2 * F.log_softmax(logits, 1)).sum(1) - math.log(2)).mean()
-    assert same["image_to_text"].item() == pytest.approx(0.5 * expected.item(), abs=1e-5)
+    assert same["i2t"].item() == pytest.approx(0.5 * expected.item(), abs=1e-5)
 
 
 def test_a_batch_of_one_is_a_clear_error():
@@ -116,20 +116,76 @@ def test_a_batch_of_one_is_a_clear_error():
 def test_retrieval_metrics_match_torchmetrics():
     from torchmetrics.retrieval import RetrievalHitRate, RetrievalMRR
 
-    image, text = _unit(30, d=4, seed=3)
-    text_keys = torch.arange(30) % 25  # five captions appear twice
+    image, text = _unit(30, d=4, seed=6)  # a seed whose hit rates are neither 0 nor 1 both ways
+    text_keys = torch.arange(30) % 25  # five captions appear twice (with another image each)
+    text[25:] = text[:5]  # an identical caption embeds identically
     image_keys = torch.arange(30)
     ours = pair_retrieval_metrics(image, text, (image_keys, text_keys), ks=(1, 5, 10), chunk=7)
+    # the reference ranks distinct items: 30 images against the 25 distinct captions and back
     # shifted positive: torchmetrics 1.9's MRR treats relevant documents scored <= 0 as irrelevant
-    scores = image @ text.T + 2.0
-    relevant = (text_keys[:, None] == text_keys[None, :]) | (image_keys[:, None] == image_keys[None, :])
+    scores = image @ text[:25].T + 2.0
+    relevant = image_keys[:, None] % 25 == torch.arange(25)[None, :]
     for name, s, rel in (("i2t", scores, relevant), ("t2i", scores.T, relevant.T)):
-        indexes = torch.arange(30)[:, None].expand(30, 30).reshape(-1)
+        indexes = torch.arange(s.shape[0])[:, None].expand_as(s).reshape(-1)
         for k in (1, 5, 10):
             ref = RetrievalHitRate(top_k=k)(s.reshape(-1), rel.reshape(-1), indexes=indexes)
             assert ours[f"{name}_r@{k}"] == pytest.approx(ref.item(), abs=1e-6), (name, k)
         assert ours[f"{name}_mrr"] == pytest.approx(RetrievalMRR()(s.reshape(-1), rel.reshape(-1), indexes=indexes).item(), abs=1e-6)
-    assert 0 < ours["i2t_r@1"] < ours["i2t_r@10"] < 1
+    assert 0 < ours["i2t_r@1"] < ours["i2t_r@10"] < 1 and 0 < ours["t2i_r@1"] < ours["t2i_r@10"] < 1
+
+
+def _planted_captions() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3 images x 5 captions, one pair row each (the image repeated over its 5 rows). Images are one-hot,
+    so a caption's embedding is its score against images A, B, C."""
+    scores = [
+        # A's captions; text->image rank of A: 0, 0, 1 (B above), 2 (B, C above), 1 (B ties)
+        [0.9, 0.1, 0.1], [0.8, 0.1, 0.2], [0.5, 0.9, 0.1], [0.5, 0.9, 0.7], [0.5, 0.5, 0.1],
+        # B's: 0, 0, 0, 0, 1 (A above)
+        [0.1, 0.9, 0.1], [0.1, 0.7, 0.1], [0.1, 0.6, 0.1], [0.1, 0.5, 0.1], [0.9, 0.3, 0.1],
+        # C's: 0, 0, 1 (A above), 2 (A, B above), 0
+        [0.1, 0.1, 0.9], [0.1, 0.1, 0.8], [0.9, 0.1, 0.4], [0.9, 0.8, 0.4], [0.1, 0.1, 0.3],
+    ]
+    image_keys = torch.arange(15) // 5
+    return torch.eye(3)[image_keys], torch.tensor(scores), image_keys, torch.arange(15)
+
+
+def test_retrieval_ranks_distinct_images_not_pair_rows():
+    from mmtune.metrics.retrieval import distinct_ranks
+
+    image, text, image_keys, text_keys = _planted_captions()
+    values = pair_retrieval_metrics(image, text, (image_keys, text_keys), ks=(1, 2, 5), chunk=4)
+    # text->image over the 3 distinct images: 9 captions at rank 0, 4 at rank 1, 2 at rank 2. Counted
+    # per pair row, each wrong image would count 5 times (ranks 0, 5, 10: R@5 = R@1 = 0.6).
+    assert values["t2i_r@1"] == pytest.approx(9 / 15)
+    assert values["t2i_r@2"] == pytest.approx(13 / 15)
+    assert values["t2i_r@5"] == pytest.approx(1.0)
+    assert values["t2i_mrr"] == pytest.approx((9 + 4 / 2 + 2 / 3) / 15)
+    # image->text over the 15 captions, each image one query: A's best caption (0.9) ties with B4, C2
+    # and C3 (rank 3); B's (0.9) with A2 and A3 (rank 2); C's 0.9 is above every other caption (rank 0)
+    ranks, rows = distinct_ranks(image, text, image_keys, text_keys)
+    assert ranks.tolist() == [3, 2, 0] and rows.tolist() == [0, 5, 10]
+    assert values["i2t_r@1"] == pytest.approx(1 / 3)
+    assert values["i2t_r@2"] == pytest.approx(1 / 3)
+    assert values["i2t_r@5"] == pytest.approx(1.0)
+    assert values["i2t_mrr"] == pytest.approx((1 / 4 + 1 / 3 + 1) / 3)
+    assert values["mean_recall"] == pytest.approx((1 / 3 + 1 / 3 + 1 + 9 / 15 + 13 / 15 + 1) / 6)
+    assert len(distinct_ranks(text, image, text_keys, image_keys)[0]) == 15
+
+
+def test_identical_captions_are_one_document_relevant_to_each_of_their_images():
+    e = torch.eye(3)
+    # rows: (A, "a photo"), (B, "a photo"), (C, "c"), (C, "c") repeated, (A, "a")
+    image = e[[0, 1, 2, 2, 0]]
+    text = torch.tensor([[0.5, 0.6, 0.0], [0.5, 0.6, 0.0], [0.9, 0.0, 0.7], [0.9, 0.0, 0.7], [0.8, 0.0, 0.0]])
+    image_keys, text_keys = torch.tensor([0, 1, 2, 2, 0]), torch.tensor([7, 7, 8, 8, 9])
+    values = pair_retrieval_metrics(image, text, (image_keys, text_keys), ks=(1, 2))
+    # image->text: A's best caption "a" (0.8) is below "c" only, counted once (rank 1, not 2); B's
+    # best is "a photo" (rank 0); C's "c" is top (rank 0)
+    assert values["i2t_r@1"] == pytest.approx(2 / 3) and values["i2t_r@2"] == pytest.approx(1.0)
+    assert values["i2t_mrr"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    # text->image, 3 distinct captions: "a photo" finds B (relevant, 0.6) first; "c" scores A (0.9)
+    # above C (rank 1); "a" finds A first
+    assert values["t2i_r@1"] == pytest.approx(2 / 3) and values["t2i_mrr"] == pytest.approx((1 + 1 / 2 + 1) / 3)
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -281,6 +337,43 @@ def test_siglip_text_lora_with_frozen_vision(tmp_path, siglip_dir, pairs):
     assert vision and all(torch.equal(b[k], m[k]) for k in vision)  # frozen tower unchanged
     assert any(not torch.equal(b[k], m[k]) for k in b if k.startswith("text_model.encoder"))
     assert not torch.equal(b["logit_bias"], m["logit_bias"])  # learnable bias trained
+
+
+def _logged_names(task, data, root: Path) -> set[str]:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, log_every_n_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(task, datamodule=data)
+    return set(trainer.callback_metrics)
+
+
+def _directions_by_stage(names: set[str]) -> tuple[set[str], set[str]]:
+    """Direction prefixes of the training loss terms and of the validation retrieval metrics."""
+    train = {n.split("/")[1] for n in names if n.startswith("train/")} - {"loss", "logit_scale"}
+    val = {n.split("/")[1].split("_r@")[0] for n in names if n.startswith("val/") and "_r@" in n}
+    return train, val
+
+
+def test_training_and_validation_name_directions_alike_for_both_data_kinds(tmp_path, clip_dir, pairs):
+    from conftest import write_csv
+    from mmtune import ImageTextAlignmentTask, ImageTextPairData, ModelSpec, MonitorSpec, QueryDocData
+    from support.tiny_align import save_tiny_sentence_encoder
+
+    monitor = MonitorSpec(early_stopping=False, save_best=False, save_last=False)
+    images = _logged_names(ImageTextAlignmentTask(ModelSpec(name=str(clip_dir)), monitor=monitor),
+                           ImageTextPairData(path=str(pairs), batch_size=8, num_workers=0, split=(0.5, 0.25, 0.25)),
+                           tmp_path)
+    assert _directions_by_stage(images) == ({"i2t", "t2i"}, {"i2t", "t2i"}), sorted(images)
+
+    rows = [(f"{size} {color} {shape}", f"a photo of the {size} {color} {shape}")
+            for size in ("small", "big") for color in ("red", "green", "blue", "yellow") for shape in ("square", "circle")]
+    manifest = write_csv(tmp_path / "queries.csv", ["query", "positive"], rows)
+    encoder = save_tiny_sentence_encoder(tmp_path / "encoder")
+    texts = _logged_names(ImageTextAlignmentTask(ModelSpec(name=str(encoder)), monitor=monitor),
+                          QueryDocData(path=str(manifest), batch_size=4, split=(0.5, 0.5, 0.0)), tmp_path)
+    assert _directions_by_stage(texts) == ({"q2d", "d2q"}, {"q2d", "d2q"}), sorted(texts)
 
 
 # ---- distributed ----------------------------------------------------------------------------------

@@ -234,6 +234,44 @@ def test_vqa_run_reports_accuracy_by_answer_type_and_writes_predictions(vlm_root
     assert {"id", "reference", "prediction"} <= set(written[0])
 
 
+def test_stratified_sample_is_seeded_and_keeps_every_type_and_the_mix():
+    from mmtune.data.samplers import stratified_sample
+
+    types = ["closed"] * 60 + ["open"] * 30 + [None] * 10
+    picked = stratified_sample(types, 20, seed=3)
+    assert picked == stratified_sample(types, 20, seed=3) and picked != stratified_sample(types, 20, seed=4)
+    counts = [[types[i] for i in picked].count(t) for t in ("closed", "open", None)]
+    assert counts == [12, 6, 2]  # the data's mix
+    rare = ["closed"] * 99 + ["open"]
+    assert sorted(rare[i] for i in stratified_sample(rare, 5, seed=0)) == ["closed"] * 4 + ["open"]  # though 0.05 is its share
+    assert len({types[i] for i in stratified_sample(types, 2, seed=0)}) == 2  # fewer than the types: the largest, one each
+    assert stratified_sample(types, 0, seed=0) == [] and stratified_sample(types, 500, seed=0) == list(range(100))
+
+
+def test_validation_generates_for_a_fixed_sample_spread_over_answer_types(vlm_root, tmp_path):
+    images = make_images(12, tmp_path / "img")
+    kinds = ["closed", "open"] * 2 + ["closed"] * 6 + ["open"] * 2  # 4 training rows, then 8 validation rows
+    rows = [{"id": f"q{i}", "image": str(p), "question": "Is it red?" if kind == "closed" else "What is it?",
+             "answer": "yes" if kind == "closed" else "a shape", "answer_type": kind, "split": "train" if i < 4 else "val"}
+            for i, (p, kind) in enumerate(zip(images, kinds))]
+    path = tmp_path / "vqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = _task(tiny_vlm_dir("qwen2_vl", vlm_root), decoding={"max_new_tokens": 4, "val_samples": 3})
+    dm = _data(path)  # batches of 4: the first validation batch is all closed questions
+    trainer = _trainer(tmp_path)
+
+    def generated() -> tuple[dict, list[dict]]:
+        metrics = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        written = (tmp_path / "predictions" / f"val_step_{trainer.global_step}.jsonl").read_text().splitlines()
+        return metrics, [json.loads(line) for line in written]
+
+    metrics, first = generated()
+    assert len(first) == 3 and {r["answer_type"] for r in first} == {"closed", "open"}
+    assert {"val/vqa_acc_closed", "val/vqa_acc_open"} <= set(metrics)
+    _, second = generated()
+    assert sorted(r["id"] for r in second) == sorted(r["id"] for r in first)
+
+
 @pytest.mark.slow
 def test_ddp_with_text_only_and_multi_image_batches_does_not_hang(vlm_root, tmp_path):
     """Two CPU processes, one sample per step: at some step one process has no image while the other has

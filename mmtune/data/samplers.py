@@ -4,12 +4,14 @@ uninterrupted ones, and it shards itself across processes.
 It yields `(epoch, index)` keys so the dataset can seed each sample's augmentation from
 (seed, epoch, index): augmentations then do not depend on worker count, on process, or on how many
 random draws Lightning made before the epoch (which differs when a run resumes).
+
+`stratified_sample` picks a fixed, seeded subset spread over strata (validation generation samples).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Iterator, Optional, Sequence
+from typing import Hashable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,3 +80,36 @@ def seed_everything_from(*parts: int, accelerators: bool = False) -> None:
     torch.default_generator.manual_seed(seed)
     if accelerators and torch.cuda.is_initialized():
         torch.cuda.manual_seed_all(seed)
+
+
+def stratified_sample(strata: Sequence[Hashable], n: int, seed: int) -> list[int]:
+    """Positions of `n` items spread over their strata (e.g. answer types), the same for the same
+    inputs on every process. Strata get items in proportion to their sizes (largest remainder), so the
+    sample's mix stays the data's, and each gets at least one when `n` allows (from the largest
+    shares); within a stratum, items come from a seeded shuffle. Sorted; every position when
+    `n >= len(strata)`.
+    """
+    if n >= len(strata):
+        return list(range(len(strata)))
+    if n <= 0:
+        return []
+    groups: dict[Hashable, list[int]] = {}
+    for i, stratum in enumerate(strata):
+        groups.setdefault(stratum, []).append(i)
+    names = sorted(groups, key=lambda s: (s is None, str(s)))  # not the data's order: any row order gives one set
+    rng = random.Random(seed)
+    for name in names:
+        rng.shuffle(groups[name])
+    if n < len(names):  # fewer items than strata: one from each of the n largest
+        return sorted(groups[name][0] for name in sorted(names, key=lambda s: -len(groups[s]))[:n])
+    # exact integer shares; n < len(strata), so no stratum's share reaches its size
+    shares = {name: divmod(n * len(groups[name]), len(strata)) for name in names}
+    quota = {name: shares[name][0] for name in names}
+    for name in sorted(names, key=lambda s: -shares[s][1])[:n - sum(quota.values())]:
+        quota[name] += 1
+    for name in names:
+        if quota[name] == 0:  # n >= len(names), so some other stratum has two or more to give
+            donor = max(names, key=lambda s: quota[s])
+            quota[donor] -= 1
+            quota[name] = 1
+    return sorted(i for name in names for i in groups[name][:quota[name]])

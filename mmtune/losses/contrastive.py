@@ -115,7 +115,7 @@ class ClipLoss(_Contrastive):
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 keys: tuple[torch.Tensor, ...] = (), logit_bias: Optional[torch.Tensor] = None,
                 negatives: Optional[torch.Tensor] = None, negative_keys: Optional[torch.Tensor] = None,
-                ) -> dict[str, torch.Tensor]:
+                directions: tuple[str, str] = ("i2t", "t2i")) -> dict[str, torch.Tensor]:
         """Args:
             image, text: L2-normalized local embeddings [n, d]; row i of each forms a pair.
             logit_scale: log of the inverse temperature (learnable); exp is clamped at 100.
@@ -123,15 +123,17 @@ class ClipLoss(_Contrastive):
             logit_bias: ignored (accepted so both losses share a signature).
             negatives: hard-negative text embeddings [n, d] (one per row), extra documents for the
                 image (query) -> text direction; `negative_keys` their text keys.
+            directions: names of the image -> text and text -> image terms, the prefixes of the
+                retrieval metrics (`q2d`, `d2q` for query-document data) so both stages share names.
 
         Returns:
-            `image_to_text` and `text_to_image` terms (each half the symmetric loss).
+            the two direction terms (each half the symmetric loss), `i2t` and `t2i` by default.
         """
         all_image, docs, pos, doc_pos = self._global(image, text, keys, negatives, negative_keys)
         scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         logits_i2t = scale * image @ docs.T  # local images vs every text (and hard negative)
         logits_t2i = scale * text @ all_image.T  # local texts vs every image; the mask is symmetric
-        return {"image_to_text": 0.5 * _soft_ce(logits_i2t, doc_pos), "text_to_image": 0.5 * _soft_ce(logits_t2i, pos)}
+        return {directions[0]: 0.5 * _soft_ce(logits_i2t, doc_pos), directions[1]: 0.5 * _soft_ce(logits_t2i, pos)}
 
 
 class SigLipLoss(_Contrastive):
@@ -146,8 +148,9 @@ class SigLipLoss(_Contrastive):
     def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 keys: tuple[torch.Tensor, ...] = (), logit_bias: Optional[torch.Tensor] = None,
                 negatives: Optional[torch.Tensor] = None, negative_keys: Optional[torch.Tensor] = None,
-                ) -> dict[str, torch.Tensor]:
+                directions: tuple[str, str] = ("i2t", "t2i")) -> dict[str, torch.Tensor]:
         """Args as `ClipLoss`; `logit_bias` is the learnable bias (SigLIP initializes it at -10).
+        `directions` is accepted for the shared signature: every pair is scored once, in no direction.
 
         Returns:
             the `sigmoid` term.

@@ -22,6 +22,8 @@ from mmtune.tasks import common
 
 PARTS_DOC = {"vision": "the image tower", "text": "the text tower",
              "projection": "projection heads, temperature and bias"}
+# the two directions' names, prefixes of both the training loss terms and the retrieval metrics
+IMAGE_DIRECTIONS, TEXT_DIRECTIONS = ("i2t", "t2i"), ("q2d", "d2q")
 
 
 class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
@@ -155,8 +157,9 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
     def loss_terms(self, image: torch.Tensor, text: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         raw = self._raw()
         negatives = self.embed_texts(batch, "neg_") if "neg_input_ids" in batch else None
+        directions = IMAGE_DIRECTIONS if "pixels" in batch else TEXT_DIRECTIONS
         return self.criterion(image, text, raw.logit_scale, keys=self._keys(batch), logit_bias=raw.logit_bias,
-                              negatives=negatives, negative_keys=batch.get("neg_key"))
+                              negatives=negatives, negative_keys=batch.get("neg_key"), directions=directions)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, text = self.embed_queries(batch), self.embed_texts(batch)
@@ -207,7 +210,7 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict:
         data = self._collected(stage)
-        names = ("q2d", "d2q") if getattr(self, "_text_only", False) else ("i2t", "t2i")
+        names = TEXT_DIRECTIONS if getattr(self, "_text_only", False) else IMAGE_DIRECTIONS
         values = pair_retrieval_metrics(data["image"], data["text"], (data["image_key"], data["text_key"]),
                                         ks=self.hparams.recall_at, names=names)
         if len(data["labels"]) >= 2:

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
+from mmtune.data.samplers import stratified_sample
 from mmtune.data.text import IGNORE
 from mmtune.data.vl_encoding import build_encoding
 from mmtune.losses.tokens import global_token_mean, token_loss
@@ -33,8 +34,11 @@ class DecodingSpec:
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
         repetition_penalty: >1 discourages repeating tokens (long reports).
-        val_samples: generate for at most this many validation samples per validation (None: all,
-            0: none, only the loss); test and predict always generate for every sample.
+        val_samples: generate for this many validation samples per validation (None: all, 0: none,
+            only the loss): a seeded sample spread over answer types (each type at least once, the rest
+            in proportion), the same at every validation and on every process, so that validations
+            compare; test and predict always generate for every sample.
+        val_samples_seed: seed of that sample.
     """
 
     max_new_tokens: int = 64
@@ -44,6 +48,7 @@ class DecodingSpec:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     val_samples: Optional[int] = None
+    val_samples_seed: int = 0
 
     def generate_kwargs(self) -> dict:
         kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
@@ -109,6 +114,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         self._encoding = None
         self._eval_sums = [0.0, 0]
         self._rows: list[dict] = []
+        self._val_chosen: Optional[frozenset[int]] = None  # validation rows to generate for (None: all)
         self._vision_side: Optional[list[torch.nn.Parameter]] = None
 
     # ---- build -------------------------------------------------------------------------------------
@@ -210,11 +216,35 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         if generate:
             self._collect(batch, self.generate_batch(batch["prompt_inputs"]))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:
         limit = self.decoding_spec.val_samples
-        seen = len(self._rows)
-        generate = not self.trainer.sanity_checking and (limit is None or seen < limit)
-        self._eval_step(batch, generate)
+        if limit is None:
+            self._val_chosen = None
+            return
+        # from the whole validation set, not from what each process or the first batches see: the
+        # first rows may all be one answer type, and the set must not change between validations
+        items = self._current_dataset().items
+        self._val_chosen = frozenset(stratified_sample([it.sample.answer_type for it in items], limit,
+                                                       self.decoding_spec.val_samples_seed))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, generate=False)
+        if not self.trainer.sanity_checking:
+            self._generate_chosen(batch)
+
+    def _generate_chosen(self, batch: dict) -> None:
+        """Generates for the batch's rows among the chosen validation rows."""
+        index = batch["index"].tolist()
+        picked = [i for i in index if self._val_chosen is None or i in self._val_chosen]
+        if len(picked) == len(index):
+            self._collect(batch, self.generate_batch(batch["prompt_inputs"]))
+        elif picked:
+            # the batch's prompt inputs cannot be cut by row for every family (Qwen2-VL packs the
+            # patches of all images into one tensor): the picked rows are encoded again
+            dataset = self._current_dataset()
+            rows = [dataset[i] for i in picked]
+            prompts = dict(self.encoding.prompt_batch([r[1] for r in rows], [r[2] for r in rows]))
+            self._collect({"index": torch.tensor(picked)}, self.generate_batch(prompts))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, True)

@@ -112,3 +112,17 @@ def save_tiny_bert(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def save_tiny_sentence_encoder(out: Path, seed: int = 0) -> Path:
+    """The tiny BERT in the sentence-transformers folder layout (`modules.json`, mean pooling)."""
+    import json
+
+    save_tiny_bert(out, seed)
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                               "pooling_mode_mean_tokens": True}))
+    return out
