@@ -290,6 +290,16 @@ def test_clip_lora_fit_test_export(tmp_path, clip_dir, pairs):
     print(f"CLIP test mean recall: untuned {before['test/mean_recall']:.3f}, tuned {after['test/mean_recall']:.3f}")
     assert after["test/mean_recall"] > before["test/mean_recall"] + 0.1, (before, after)
     assert after["test/loss"] < before["test/loss"]
+    # per-query records give the logged numbers, with intervals, and pair the tuned model with its base
+    intervals = _metrics(run)["test"]["intervals"]
+    for key in ("i2t_r@1", "t2i_r@5", "i2t_mrr", "t2i_mrr", "mean_recall", "zero_shot_accuracy"):
+        assert intervals[key]["value"] == pytest.approx(after[f"test/{key}"], abs=1e-6), key
+    run_cli("evaluate", "--config", cfg, *runs, "--ckpt_path", run / "checkpoints" / "best.ckpt", "--baseline", "base",
+            "--evaluation.bootstrap.resamples", "200")
+    compared = _metrics(run)["evaluate"]["comparison"]["mean_recall"]
+    assert compared["baseline"] == pytest.approx(before["test/mean_recall"], abs=1e-6)
+    assert compared["tuned"] == pytest.approx(after["test/mean_recall"], abs=1e-6)
+    assert compared["ci_low"] <= compared["difference"] <= compared["ci_high"]
 
     ckpt = run / "checkpoints" / "best.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]

@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
 from mmtune.errors import ConfigError
 from mmtune.losses.contrastive import LOSSES
-from mmtune.metrics.retrieval import pair_retrieval_metrics
+from mmtune.metrics.records import SampleRecord
+from mmtune.metrics.retrieval import distinct_items, distinct_ranks, pair_retrieval_metrics
 from mmtune.models.aligners import ALIGNERS, resolve_aligner
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
@@ -194,7 +195,7 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
             for j, i in enumerate(index.tolist()):
                 rows[i] = (image[j], text[j], ikey[j], tkey[j], labels[j])
         order = sorted(rows)
-        return {"image": torch.stack([rows[i][0] for i in order]), "text": torch.stack([rows[i][1] for i in order]),
+        return {"index": order, "image": torch.stack([rows[i][0] for i in order]), "text": torch.stack([rows[i][1] for i in order]),
                 "image_key": torch.stack([rows[i][2] for i in order]), "text_key": torch.stack([rows[i][3] for i in order]),
                 "labels": [rows[i][4] for i in order]}
 
@@ -210,13 +211,17 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict:
         data = self._collected(stage)
+        if stage == "test":
+            self._publish_records(stage, data)
         names = TEXT_DIRECTIONS if getattr(self, "_text_only", False) else IMAGE_DIRECTIONS
         values = pair_retrieval_metrics(data["image"], data["text"], (data["image_key"], data["text_key"]),
                                         ks=self.hparams.recall_at, names=names)
         if len(data["labels"]) >= 2:
             values.update(self._full_set_loss(data))
         if all(data["labels"]) and len(set(data["labels"])) >= 2 and not getattr(self, "_text_only", False):
-            values["zero_shot_accuracy"] = self.zero_shot_accuracy(data["image"], data["labels"])
+            images, _ = distinct_items(data["image_key"])  # an image with several captions counts once
+            values["zero_shot_accuracy"] = self.zero_shot_accuracy(data["image"][images],
+                                                                   [data["labels"][i] for i in images.tolist()])
         for name, value in values.items():
             # every process computed the same values from the gathered set: no further reduction
             self.log(f"{stage}/{name}", value, prog_bar=name in ("mean_recall", "loss"))
@@ -228,16 +233,45 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def _publish_records(self, stage: str, data: dict) -> None:
+        """One record per distinct query of each direction: its rank (0-based, among distinct items),
+        the pair row that names it and that row's columns; zero-shot correctness for image queries.
+        The evaluation room resamples queries within each direction for intervals."""
+        dataset = self.trainer.test_dataloaders.dataset
+        rows = getattr(dataset, "pairs", None) or dataset.rows
+        names = TEXT_DIRECTIONS if getattr(self, "_text_only", False) else IMAGE_DIRECTIONS
+        zero_shot = None
+        if all(data["labels"]) and len(set(data["labels"])) >= 2 and not getattr(self, "_text_only", False):
+            zero_shot = self.zero_shot_predictions(data["image"], data["labels"])
+        records = []
+        sides = ((names[0], data["image"], data["text"], data["image_key"], data["text_key"]),
+                 (names[1], data["text"], data["image"], data["text_key"], data["image_key"]))
+        for direction, queries, docs, qkeys, dkeys in sides:
+            ranks, first_rows = distinct_ranks(queries, docs, qkeys, dkeys)
+            for rank, row in zip(ranks.tolist(), first_rows.tolist()):
+                item = rows[data["index"][row]]
+                meta = {k: v for k, v in vars(item).items() if k not in ("split",) and v is not None}
+                stats = {"rank": float(rank)}
+                if zero_shot is not None and direction == names[0]:
+                    stats["zero_shot_correct"] = float(zero_shot[row])
+                records.append(SampleRecord(id=f"{direction}:{item.origin or data['index'][row]}", stats=stats,
+                                            meta={"direction": direction, **meta}))
+        common.publish_records(self, stage, "retrieval", records, {"recall_at": list(self.hparams.recall_at),
+                                                                   "directions": list(names)})
+
     @torch.no_grad()
-    def zero_shot_accuracy(self, image: torch.Tensor, labels: list[str]) -> float:
-        """Accuracy of classifying each image as the class whose prompt embeds closest."""
+    def zero_shot_predictions(self, image: torch.Tensor, labels: list[str]) -> torch.Tensor:
+        """Per image: whether the class whose prompt embeds closest is its label."""
         classes = sorted(set(labels))
         prompts = [self.hparams.zero_shot_template.format(c) for c in classes]
         batch = {k: v.to(self.device) for k, v in self.preprocess.text(prompts).items()}
         class_emb = self.embed_texts(batch).float().cpu()
         predicted = (image @ class_emb.T).argmax(dim=1)
-        target = torch.tensor([classes.index(label) for label in labels])
-        return (predicted == target).float().mean().item()
+        return predicted == torch.tensor([classes.index(label) for label in labels])
+
+    def zero_shot_accuracy(self, image: torch.Tensor, labels: list[str]) -> float:
+        """Accuracy of classifying each image as the class whose prompt embeds closest."""
+        return self.zero_shot_predictions(image, labels).float().mean().item()
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
     def configure_optimizers(self) -> dict:
