@@ -24,6 +24,7 @@ PARTS_DOC = {"vision": "the image tower", "text": "the text tower",
              "projection": "projection heads, temperature and bias"}
 
 
+@common.TASKS.register("image_text_alignment")
 class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
     """Contrastive image-text alignment with in-batch negatives gathered over every process; with a
     sentence-transformers model and `QueryDocData`, text embedding fine-tuning (query, positive[, hard

@@ -30,6 +30,7 @@ from mmtune.tasks import common
 PARTS_DOC = {"backbone": "everything but the head", "head": "the classification layer"}
 
 
+@common.TASKS.register("image_classification")
 class ImageClassificationTask(common.RunHooks, L.LightningModule):
     """Fine-tunes an image classifier: full, linear probe, last-N blocks, or adapters (LoRA, DoRA, IA3).
 
