@@ -4,8 +4,9 @@ baseline), `export` and `data align`.
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
 a run directory per run (`runs/<name>/version_N/`) with CSV and TensorBoard logs, resuming with
-`--ckpt_path last`, `best`/`last` aliases for evaluation, and the class list of a checkpoint carried
-into the task before it is built.
+`--ckpt_path last`, `best`/`last` aliases for evaluation, the class list of a checkpoint carried
+into the task before it is built, and checkpoints read with `weights_only=True` only (a checkpoint is
+data: loading one never runs code from it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 import mmtune  # noqa: F401  (registers the task and data classes for short class_path names)
 from mmtune.errors import ConfigError, MMTuneError
 from mmtune.evaluation.spec import EvaluationSpec
-from mmtune.tasks.common import load_task, read_checkpoint_hparams
+from mmtune.tasks.common import load_task, read_checkpoint
 
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
 CKPT_ALIASES = {"last": "last.ckpt", "best": "best.ckpt"}
@@ -42,15 +43,25 @@ def _is_child_process() -> bool:
 class MMTuneCLI(LightningCLI):
     """LightningCLI with mmtune's run directories and checkpoint handling."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's verbs without their `weights_only` option (mmtune always loads with
+        `weights_only=True`, `_prepare_subcommand_kwargs`, so there is nothing to choose), plus `evaluate`."""
+        verbs = {verb: skipped | {"weights_only"} for verb, skipped in LightningCLI.subcommands().items()}
+        return {**verbs, "evaluate": {"model", "dataloaders", "datamodule"}}
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        # Lightning's own default (None) defers to torch, whose default an environment variable
+        # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn off; an explicit True cannot be. (`evaluate`
+        # passes it to its own test calls.)
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        return kwargs if subcommand == "evaluate" else {**kwargs, "weights_only": True}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="Run name (default: the last --config file's name); runs go to runs_dir/run_name/version_N")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of all runs")
         parser.add_dataclass_arguments(EvaluationSpec, "evaluation")
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "evaluate": {"model", "dataloaders", "datamodule"}}
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """LightningCLI's subcommands, plus `evaluate`, whose arguments come from `MMTuneCLI.evaluate`
@@ -92,9 +103,9 @@ class MMTuneCLI(LightningCLI):
             # The baseline goes first, so the run directory's test outputs (metrics.json's test entry,
             # confusion matrix, predictions, records) are the tuned model's.
             base_task = build_baseline(model, baseline)
-            self.trainer.test(base_task, datamodule=datamodule, verbose=False)
+            self.trainer.test(base_task, datamodule=datamodule, verbose=False, weights_only=True)
             base_records = base_task.records["test"]
-        self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         self._summarize("test")
         if base_records is not None:
             result = compare_records(self.run_dir, model.records["test"], base_records, baseline, spec)
@@ -171,14 +182,16 @@ class MMTuneCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
         if cfg.ckpt_path:
-            self._carry_checkpoint_hparams(cfg, cfg.ckpt_path)
+            # Read safely before anything is built, so a refused file gets a one-line error naming it
+            # (Lightning reads it again, also with weights_only=True, when the verb runs).
+            self._carry_checkpoint_hparams(cfg, read_checkpoint(cfg.ckpt_path))
 
-    def _carry_checkpoint_hparams(self, cfg, ckpt_path: str) -> None:
+    def _carry_checkpoint_hparams(self, cfg, checkpoint: dict) -> None:
         """A checkpoint's class list (and label mode) is known before the task is built."""
         init = cfg.model.get("init_args") if hasattr(cfg.model, "get") else None
         if init is None or "classes" not in init:
             return
-        saved = read_checkpoint_hparams(ckpt_path)
+        saved = checkpoint.get("hyper_parameters") or {}
         for key in ("classes", "multi_label", "class_weights"):
             if saved.get(key) is not None and init.get(key) in (None, "balanced"):
                 init[key] = saved[key]
@@ -207,8 +220,11 @@ def _export(argv: list[str]) -> None:
     parser = ArgumentParser(prog="mmtune export", description="Merge adapters and write the model's native format.")
     parser.add_argument("--ckpt_path", type=str, required=True, help="An mmtune checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="Output directory")
+    parser.add_argument("--trust_remote_code", type=bool, default=False,
+                        help="Allow a checkpoint whose model sets trust_remote_code: true (runs code from the model "
+                             "folder or hub; only for checkpoints and models you trust)")
     args = parser.parse_args(argv)
-    task = load_task(args.ckpt_path)
+    task = load_task(args.ckpt_path, trust_remote_code=args.trust_remote_code)
     out = task.export(args.out)
     from mmtune.evaluation.model_card import write_model_card
 

@@ -34,6 +34,9 @@ class ModelSpec:
             keeps float32. Image classifiers ignore it (use the Trainer's `precision`).
         quantization: load a transformers model quantized by bitsandbytes for QLoRA-style training:
             `nf4` (4-bit NormalFloat, double quantization) or `int8`; `none` keeps full weights.
+        trust_remote_code: let transformers run the Python code a model folder or hub repo ships
+            (models whose `config.json` has an `auto_map`). Off, such a model is refused with an error;
+            on, mmtune logs a warning at each load. Only for models whose code you trust.
     """
 
     name: str
@@ -42,6 +45,19 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     dtype: Optional[str] = None
     quantization: Literal["none", "nf4", "int8"] = "none"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        # `kwargs` go straight to the factories, so they could reopen what the keys above close.
+        for key, why in UNSAFE_MODEL_KWARGS.items():
+            if key in self.kwargs:
+                raise ConfigError(f"model.kwargs.{key} is not accepted: {why}")
+
+
+UNSAFE_MODEL_KWARGS = {
+    "trust_remote_code": "set model.trust_remote_code instead (it logs that code from the model will run)",
+    "weights_only": "mmtune always loads weight files with weights_only=True",
+}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 
 from mmtune.adapters.targets import DEFAULT_TARGETS
 from mmtune.errors import ModelError
+from mmtune.models.hf import refusing_custom_code, remote_code, save_pretrained_safetensors
 from mmtune.registry import Registry
 from mmtune.specs import ModelSpec
 
@@ -91,7 +92,8 @@ def resolve_aligner(spec: ModelSpec, text_model: Optional[ModelSpec] = None) -> 
     from transformers import AutoConfig
 
     try:
-        model_type = AutoConfig.from_pretrained(spec.name).model_type
+        with refusing_custom_code(spec):
+            model_type = AutoConfig.from_pretrained(spec.name, **remote_code(spec)).model_type
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the config of {spec.name!r} (a hub id needs the network or a local copy; "
                          f"a local directory needs config.json): {err}") from None
@@ -149,12 +151,14 @@ def _build_transformers(pad_to_max: bool, has_bias: bool):
     def build(spec: ModelSpec, text_model: Optional[ModelSpec], options: dict):
         from transformers import AutoConfig, AutoModel, AutoProcessor
 
+        code = remote_code(spec)
         try:
-            processor = AutoProcessor.from_pretrained(spec.name)
-            if spec.pretrained:
-                model = AutoModel.from_pretrained(spec.checkpoint or spec.name, **spec.kwargs)
-            else:
-                model = AutoModel.from_config(AutoConfig.from_pretrained(spec.name), **spec.kwargs)
+            with refusing_custom_code(spec):
+                processor = AutoProcessor.from_pretrained(spec.name, **code)
+                if spec.pretrained:
+                    model = AutoModel.from_pretrained(spec.checkpoint or spec.name, **code, **spec.kwargs)
+                else:
+                    model = AutoModel.from_config(AutoConfig.from_pretrained(spec.name, **code), **code, **spec.kwargs)
         except OSError as err:
             raise ModelError(f"cannot load {spec.name!r} offline: {err}") from None
         max_len = options.get("max_text_length") or model.config.text_config.max_position_embeddings
@@ -167,7 +171,7 @@ def _build_transformers(pad_to_max: bool, has_bias: bool):
 
 
 def _export_transformers(module: nn.Module, processor, out: Path) -> None:
-    module.model.save_pretrained(out)
+    save_pretrained_safetensors(module.model, out)
     processor.save_pretrained(out)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtune.errors import ConfigError, ModelError
+from mmtune.models.hf import refusing_custom_code, remote_code, save_pretrained_safetensors
 from mmtune.specs import ModelSpec
 
 DUAL_ENCODER_FILE = "mmtune_dual_encoder.json"
@@ -73,7 +74,7 @@ class DualEncoder(nn.Module):
 def build_dual_encoder(spec: ModelSpec, text_model: Optional[ModelSpec], options: dict):
     """A new dual encoder (`spec`: timm backbone, `text_model`: transformers encoder) or an exported one
     (`spec.name`: a folder with `mmtune_dual_encoder.json`). Returns (module, Preprocess, tokenizer)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from mmtune.data.transforms import AugmentSpec, build_transform
     from mmtune.models.aligners import Preprocess, _Tokenize
@@ -83,7 +84,8 @@ def build_dual_encoder(spec: ModelSpec, text_model: Optional[ModelSpec], options
     saved = folder / DUAL_ENCODER_FILE
     if text_model is None and saved.is_file():
         meta = json.loads(saved.read_text())
-        image_spec, text_spec = ModelSpec(name=str(folder / "image")), ModelSpec(name=str(folder / "text"))
+        image_spec = ModelSpec(name=str(folder / "image"))
+        text_spec = ModelSpec(name=str(folder / "text"), trust_remote_code=spec.trust_remote_code)
         embed_dim, pooling, sigmoid = meta["embed_dim"], meta["pooling"], meta["sigmoid"]
     else:
         image_spec, text_spec = spec, text_model
@@ -91,10 +93,12 @@ def build_dual_encoder(spec: ModelSpec, text_model: Optional[ModelSpec], options
     clf = build_classifier(image_spec, 0)
     if clf.family != "timm":
         raise ConfigError(f"a dual encoder's image backbone must be a timm model; {spec.name!r} is {clf.family}")
+    code = remote_code(text_spec)
     try:
-        text = AutoModel.from_pretrained(text_spec.name, **text_spec.kwargs) if text_spec.pretrained else \
-            AutoModel.from_config(__import__("transformers").AutoConfig.from_pretrained(text_spec.name))
-        tokenizer = AutoTokenizer.from_pretrained(text_spec.name)
+        with refusing_custom_code(text_spec):
+            text = AutoModel.from_pretrained(text_spec.name, **code, **text_spec.kwargs) if text_spec.pretrained else \
+                AutoModel.from_config(AutoConfig.from_pretrained(text_spec.name, **code), **code)
+            tokenizer = AutoTokenizer.from_pretrained(text_spec.name, **code)
     except OSError as err:
         raise ModelError(f"cannot load the text encoder {text_spec.name!r} offline: {err}") from None
     module = DualEncoder(clf.module, text, embed_dim, pooling, sigmoid)
@@ -115,7 +119,7 @@ def export_dual_encoder(module: DualEncoder, extra: dict, out: Path) -> None:
     from timm.models import save_for_hf
 
     save_for_hf(module.image, str(out / "image"), safe_serialization=True)
-    module.text.save_pretrained(out / "text")
+    save_pretrained_safetensors(module.text, out / "text")
     extra["tokenizer"].save_pretrained(out / "text")
     save_file(module.head_state(), str(out / "heads.safetensors"))
     (out / DUAL_ENCODER_FILE).write_text(json.dumps(

@@ -8,10 +8,12 @@ ship none.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -71,6 +73,43 @@ def resolve_hf_ref(spec: ModelSpec) -> HFRef:
     return HFRef(spec.name, spec.kwargs.get("gguf_file"))
 
 
+_WARNED_REMOTE_CODE: set[str] = set()  # model names already warned about in this process
+
+
+def remote_code(spec: ModelSpec) -> dict:
+    """The `trust_remote_code` argument for every transformers `from_pretrained` of `spec`.
+
+    Always explicit: transformers' default (None) asks on a terminal whether to run a model's code.
+    On, it logs a warning (once per model and process: a load reads config, weights and tokenizer).
+    """
+    if spec.trust_remote_code and spec.name not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(spec.name)
+        log.warning(f"model.trust_remote_code is on: Python code shipped with {spec.name!r} (its folder or hub "
+                    "repo) will run while it loads; use this only for code you trust")
+    return {"trust_remote_code": spec.trust_remote_code}
+
+
+@contextmanager
+def refusing_custom_code(spec: ModelSpec) -> Iterator[None]:
+    """Turns transformers' refusal to run a model's own code (trust_remote_code off) into a one-line
+    ModelError that names the key to change."""
+    try:
+        yield
+    except ValueError as err:
+        if spec.trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ModelError(f"{spec.name!r} needs the Python code shipped with it to load (an `auto_map` in its "
+                         "config files names custom classes), and mmtune runs such code only with "
+                         "model.trust_remote_code: true; set it only if you trust that code") from None
+
+
+def save_pretrained_safetensors(model: nn.Module, out) -> None:
+    """`model.save_pretrained(out)` writing safetensors only (no pickled `.bin`). transformers 4.x has a
+    `safe_serialization` switch, made explicit here; 5.x has none and writes nothing else."""
+    takes_switch = "safe_serialization" in inspect.signature(model.save_pretrained).parameters
+    model.save_pretrained(out, **({"safe_serialization": True} if takes_switch else {}))
+
+
 def _offline_error(name: str, err: Exception) -> ModelError:
     return ModelError(
         f"could not load {name!r} ({type(err).__name__}: {str(err)[:300]}). Without a network, point model.name "
@@ -118,13 +157,15 @@ def load_causal_lm(spec: ModelSpec, quantize: bool = True) -> nn.Module:
     ref = resolve_hf_ref(spec)
     kwargs = {k: v for k, v in spec.kwargs.items() if k != "gguf_file"}
     quant = quantization_config(spec) if quantize else None
+    code = remote_code(spec)
     try:
-        if not spec.pretrained:
-            config = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
-            return AutoModelForCausalLM.from_config(config, dtype=_dtype(spec), **kwargs)
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-        return AutoModelForCausalLM.from_pretrained(ref.path, dtype=_dtype(spec), **ref.kwargs(), **kwargs)
+        with refusing_custom_code(spec):
+            if not spec.pretrained:
+                config = AutoConfig.from_pretrained(ref.path, **ref.kwargs(), **code)
+                return AutoModelForCausalLM.from_config(config, dtype=_dtype(spec), **code, **kwargs)
+            if quant is not None:
+                kwargs["quantization_config"] = quant
+            return AutoModelForCausalLM.from_pretrained(ref.path, dtype=_dtype(spec), **ref.kwargs(), **code, **kwargs)
     except OSError as err:
         raise _offline_error(spec.name, err) from err
 
@@ -141,7 +182,8 @@ def load_tokenizer(spec: ModelSpec, chat_template: Optional[str] = None):
 
     ref = resolve_hf_ref(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
+        with refusing_custom_code(spec):
+            tok = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs(), **remote_code(spec))
     except OSError as err:
         raise _offline_error(spec.name, err) from err
     if chat_template is not None or not tok.chat_template:

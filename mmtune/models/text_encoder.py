@@ -14,6 +14,7 @@ from torch import nn
 
 from mmtune.errors import ConfigError, ModelError
 from mmtune.models.dual_encoder import pool_tokens
+from mmtune.models.hf import refusing_custom_code, remote_code, save_pretrained_safetensors
 from mmtune.specs import ModelSpec
 
 ST_MARKER = "modules.json"  # what makes a folder a sentence-transformers model
@@ -59,9 +60,11 @@ def build_sentence_encoder(spec: ModelSpec, text_model: Optional[ModelSpec], opt
     from mmtune.models.aligners import Preprocess, _Tokenize
 
     folder = Path(spec.name)
+    code = remote_code(spec)
     try:
-        encoder = AutoModel.from_pretrained(folder, **spec.kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with refusing_custom_code(spec):
+            encoder = AutoModel.from_pretrained(folder, **code, **spec.kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **code)
     except OSError as err:
         raise ModelError(f"cannot load the text encoder {spec.name!r}: {err}") from None
     st_cfg = folder / "sentence_bert_config.json"
@@ -74,7 +77,7 @@ def build_sentence_encoder(spec: ModelSpec, text_model: Optional[ModelSpec], opt
 def export_sentence_encoder(module: SentenceEncoder, extra: dict, out: Path) -> None:
     """sentence-transformers layout: encoder weights and tokenizer at the root, plus the source's
     `modules.json`, configs and module folders (pooling, normalize)."""
-    module.encoder.save_pretrained(out)
+    save_pretrained_safetensors(module.encoder, out)
     extra["tokenizer"].save_pretrained(out)
     source: Path = extra["source"]
     for name in ST_FILES:

@@ -14,7 +14,7 @@ from typing import Optional
 from torch import nn
 
 from mmtune.errors import ModelError
-from mmtune.models.hf import _dtype, _offline_error, quantization_config, resolve_hf_ref
+from mmtune.models.hf import _dtype, _offline_error, quantization_config, refusing_custom_code, remote_code, resolve_hf_ref
 from mmtune.specs import ModelSpec
 
 # Submodule names transformers uses for each part, most specific first. The projector is looked up
@@ -35,13 +35,15 @@ def load_vlm(spec: ModelSpec, quantize: bool = True) -> nn.Module:
     ref = resolve_hf_ref(spec)
     kwargs = dict(spec.kwargs)
     quant = quantization_config(spec) if quantize else None
+    code = remote_code(spec)
     try:
-        if not spec.pretrained:
-            config = AutoConfig.from_pretrained(ref.path)
-            return AutoModelForImageTextToText.from_config(config, dtype=_dtype(spec), **kwargs)
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-        return AutoModelForImageTextToText.from_pretrained(ref.path, dtype=_dtype(spec), **kwargs)
+        with refusing_custom_code(spec):
+            if not spec.pretrained:
+                config = AutoConfig.from_pretrained(ref.path, **code)
+                return AutoModelForImageTextToText.from_config(config, dtype=_dtype(spec), **code, **kwargs)
+            if quant is not None:
+                kwargs["quantization_config"] = quant
+            return AutoModelForImageTextToText.from_pretrained(ref.path, dtype=_dtype(spec), **code, **kwargs)
     except OSError as err:
         raise _offline_error(spec.name, err) from err
     except ValueError as err:
@@ -61,10 +63,12 @@ def load_processor(spec: ModelSpec, chat_template: Optional[str] = None):
     from transformers import AutoProcessor
 
     ref = resolve_hf_ref(spec)
+    code = remote_code(spec)
     try:
-        processor = AutoProcessor.from_pretrained(ref.path)
-        if getattr(processor, "image_processor", None) is None:
-            processor = _pair_processor(ref.path, processor)
+        with refusing_custom_code(spec):
+            processor = AutoProcessor.from_pretrained(ref.path, **code)
+            if getattr(processor, "image_processor", None) is None:
+                processor = _pair_processor(ref.path, processor, code)
     except OSError as err:
         raise _offline_error(spec.name, err) from err
     tokenizer = getattr(processor, "tokenizer", None)
@@ -79,15 +83,16 @@ def load_processor(spec: ModelSpec, chat_template: Optional[str] = None):
     return processor
 
 
-def _pair_processor(path: str, loaded):
+def _pair_processor(path: str, loaded, code: dict):
     """An image processor and a tokenizer saved side by side (VisionEncoderDecoder checkpoints have no
     processor class), joined in transformers' generic two-part processor so they save and reload
-    together with `AutoProcessor`."""
+    together with `AutoProcessor`. `code`: the `trust_remote_code` argument (`remote_code`)."""
     from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderProcessor
 
     tokenizer = getattr(loaded, "tokenizer", None) or (loaded if hasattr(loaded, "convert_tokens_to_ids") else None)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    return VisionTextDualEncoderProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, **code)
+    return VisionTextDualEncoderProcessor(image_processor=AutoImageProcessor.from_pretrained(path, **code),
+                                          tokenizer=tokenizer)
 
 
 def _find(model: nn.Module, names: tuple[str, ...], skip: tuple[str, ...] = ()) -> Optional[str]:

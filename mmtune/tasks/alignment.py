@@ -27,6 +27,7 @@ PARTS_DOC = {"vision": "the image tower", "text": "the text tower",
 IMAGE_DIRECTIONS, TEXT_DIRECTIONS = ("i2t", "t2i"), ("q2d", "d2q")
 
 
+@common.TASKS.register("image_text_alignment")
 class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
     """Contrastive image-text alignment with in-batch negatives gathered over every process; with a
     sentence-transformers model and `QueryDocData`, text embedding fine-tuning (query, positive[, hard

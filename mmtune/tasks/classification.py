@@ -33,6 +33,7 @@ from mmtune.tasks import common
 PARTS_DOC = {"backbone": "everything but the head", "head": "the classification layer"}
 
 
+@common.TASKS.register("image_classification")
 class ImageClassificationTask(common.RunHooks, L.LightningModule):
     """Fine-tunes an image classifier: full, linear probe, last-N blocks, or adapters (LoRA, DoRA, IA3).
 
@@ -285,7 +286,7 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         entry = self._calibration
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or ""
         if best and Path(best).is_file():
-            saved = torch.load(best, map_location="cpu", mmap=True, weights_only=False).get("mmtune_calibration")
+            saved = common.read_checkpoint(best).get("mmtune_calibration")
             entry = {**saved, "checkpoint": best} if saved else entry
         if entry:
             update_json(out / "metrics.json", "calibration", entry)

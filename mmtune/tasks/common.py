@@ -6,6 +6,7 @@ Shared through functions rather than a base class, so each task file reads on it
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -19,11 +20,17 @@ from mmtune.callbacks import RunSummary, StepSeed
 from mmtune.errors import ModelError
 from mmtune.metrics.records import RecordSet, SampleRecord, write_records
 from mmtune.optim import build_optimizer, build_scheduler, param_groups
+from mmtune.registry import Registry
 from mmtune.specs import AdapterSpec, MonitorSpec, OptimizerSpec
 
 log = logging.getLogger("mmtune")
 
 TRAINABLE_ONLY = "trainable"
+
+# The task classes a checkpoint may name (`checkpoint["mmtune_task"]`). A checkpoint is data: the class
+# that rebuilds it is looked up here, never imported from a module path the file names. Each task module
+# registers its class; `import mmtune` imports them all, so the registry is full before anything loads.
+TASKS: Registry[type] = Registry("mmtune task")
 
 
 def standard_callbacks(monitor: MonitorSpec, trainer: Optional[L.Trainer] = None) -> list[Callback]:
@@ -93,26 +100,90 @@ class RunHooks:
 
 
 def _record_task(module: L.LightningModule, checkpoint: dict) -> None:
-    """Stores the task class in the checkpoint, so `mmtune export` needs only the checkpoint."""
-    checkpoint["mmtune_task"] = f"{type(module).__module__}:{type(module).__qualname__}"
+    """Stores the task's registry name in the checkpoint, so `mmtune export` needs only the checkpoint.
+
+    A class that is not registered (a subclass of one's own) is stored by its import path, which
+    `load_task` refuses with a message saying how to register it.
+    """
+    cls = type(module)
+    name = next((n for n in TASKS if TASKS.get(n) is cls), None)
+    checkpoint["mmtune_task"] = name or f"{cls.__module__}:{cls.__qualname__}"
 
 
-def load_task(path: str) -> L.LightningModule:
-    """Rebuilds the task saved in a checkpoint (base weights from its model spec, plus saved weights)."""
-    import importlib
+def read_checkpoint(path: str) -> dict:
+    """Reads a checkpoint with `torch.load(weights_only=True)`: tensors and plain values only, so
+    nothing in the file can run code while it loads.
 
+    Raises:
+        ModelError: the file is missing or unreadable, or holds anything else (e.g. a pickled object).
+    """
     if not Path(path).is_file():
         raise ModelError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except (OSError, RuntimeError) as err:
+        # mmap: tensors stay on disk until used, so reading the hyperparameters of a large file is cheap.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(f"refusing to load {path}: it holds objects other than tensors and plain values "
+                         f"(weights_only load failed: {_refused_content(err)})") from None
+    except (OSError, RuntimeError, EOFError) as err:
         raise ModelError(f"cannot read checkpoint {path}: {err}") from None
-    name = ckpt.get("mmtune_task")
+
+
+def _refused_content(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only error that says what was refused. The rest of the message
+    suggests retrying with weights_only=False, which is exactly what an untrusted file must not get."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    return lines[0].split(" Please use ")[0] if lines else "unsupported content"
+
+
+def task_class(checkpoint: dict, path: str) -> type:
+    """The registered task class a checkpoint names.
+
+    New checkpoints hold a registry name; older ones an import path `mmtune.tasks.x:ClassName`, of
+    which only the class name is looked up in the registry (no module is imported).
+
+    Raises:
+        ModelError: no name, or a name that is not one of the registered tasks.
+    """
+    name = checkpoint.get("mmtune_task")
     if not name:
         raise ModelError(f"{path} was not written by an mmtune task (no 'mmtune_task' entry)")
-    module_name, _, cls_name = name.partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    if name in TASKS:
+        return TASKS.get(name)
+    module_name, _, qualname = str(name).partition(":")
+    if module_name == "mmtune" or module_name.startswith("mmtune."):
+        for registered in TASKS:
+            if TASKS.get(registered).__qualname__ == qualname:
+                return TASKS.get(registered)
+    raise ModelError(f"{path} names the task {name!r}, which is not one of mmtune's tasks "
+                     f"({', '.join(sorted(TASKS))}); a task class of your own loads only once registered with "
+                     "`@mmtune.tasks.common.TASKS.register(name)`")
+
+
+def load_task(path: str, trust_remote_code: bool = False) -> L.LightningModule:
+    """Rebuilds the task saved in a checkpoint (base weights from its model spec, plus saved weights).
+
+    Args:
+        path: an mmtune checkpoint.
+        trust_remote_code: allow a checkpoint whose model spec sets `trust_remote_code: true`. The spec
+            comes from the file, so the file alone must not be able to turn running model code on.
+
+    Raises:
+        ModelError: the file is unsafe or unreadable, names no registered task, or asks for remote code
+            without `trust_remote_code`.
+    """
+    ckpt = read_checkpoint(path)
+    cls = task_class(ckpt, path)
+    hparams = ckpt.get("hyper_parameters") or {}
+    wants_code = [key for key, value in hparams.items() if isinstance(value, dict) and value.get("trust_remote_code")]
+    if wants_code and not trust_remote_code:
+        raise ModelError(f"{path} loads its model with {wants_code[0]}.trust_remote_code: true, which runs code from "
+                         "the model folder or hub; pass --trust_remote_code to mmtune export only if you trust both")
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 def _keep_trainable_weights(module: nn.Module, checkpoint: dict) -> None:
@@ -225,9 +296,6 @@ def publish_records(module: L.LightningModule, stage: str, kind: str, records: l
 
 
 def read_checkpoint_hparams(path: str) -> dict:
-    """The hyperparameters saved in a Lightning checkpoint, without building anything."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except (OSError, RuntimeError) as err:
-        raise ModelError(f"cannot read checkpoint {path}: {err}") from None
-    return dict(ckpt.get("hyper_parameters", {}))
+    """The hyperparameters saved in a Lightning checkpoint, without building anything (read with
+    `read_checkpoint`: plain values only)."""
+    return dict(read_checkpoint(path).get("hyper_parameters") or {})

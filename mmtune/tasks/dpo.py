@@ -59,6 +59,7 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch
     return {"loss": loss, "reward_margin": margin.mean(), "accuracy": (margin > 0).float().mean()}
 
 
+@common.TASKS.register("dpo")
 class DPOTask(CausalLMTask):
     """Preference tuning with DPO or IPO against a frozen reference model.
 

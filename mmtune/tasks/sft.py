@@ -15,7 +15,15 @@ from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_traini
 from mmtune.data.text import Conversation, PromptCollator, prompt_conversation
 from mmtune.errors import ConfigError
 from mmtune.losses.tokens import global_token_mean, token_loss
-from mmtune.models.hf import decoder_layers, lm_parts, load_causal_lm, load_tokenizer, resolve_hf_ref, stop_token_ids
+from mmtune.models.hf import (
+    decoder_layers,
+    lm_parts,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_hf_ref,
+    save_pretrained_safetensors,
+    stop_token_ids,
+)
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 
@@ -44,6 +52,7 @@ class GenerationSpec:
     top_p: float = 1.0
 
 
+@common.TASKS.register("causal_lm")
 class CausalLMTask(common.RunHooks, L.LightningModule):
     """Fine-tunes any `AutoModelForCausalLM`: full, LoRA, DoRA, QLoRA (4-bit NF4 base + LoRA).
 
@@ -265,7 +274,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
             merged.hf_quantizer = None
             merged.config.__dict__.pop("quantization_config", None)
         merged.config.use_cache = True
-        merged.eval().save_pretrained(out)
+        save_pretrained_safetensors(merged.eval(), out)
         self.tokenizer.save_pretrained(out)
         (out / "mmtune.json").write_text(json.dumps({"task": "causal_lm", "source_model": self.model_spec.name},
                                                     indent=2))

@@ -17,7 +17,7 @@ from mmtune.data.text import IGNORE
 from mmtune.data.vl_encoding import build_encoding
 from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.metrics.text import text_metrics, vqa_accuracy
-from mmtune.models.hf import resolve_hf_ref
+from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors
 from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
@@ -58,6 +58,7 @@ class DecodingSpec:
         return kwargs
 
 
+@common.TASKS.register("vision_language")
 class VisionLanguageTask(common.RunHooks, L.LightningModule):
     """Fine-tunes any transformers image-text-to-text model (BLIP, VisionEncoderDecoder, LLaVA,
     Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL, PaliGemma, ...) with its own processor.
@@ -155,7 +156,8 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         if self._encoding is None:
             from transformers import AutoConfig
 
-            config = self.net.config if self.net is not None else AutoConfig.from_pretrained(resolve_hf_ref(self.model_spec).path)
+            config = self.net.config if self.net is not None else \
+                AutoConfig.from_pretrained(resolve_hf_ref(self.model_spec).path, **remote_code(self.model_spec))
             raw = self._raw() if self.net is not None else None
             ids = image_token_ids(self.processor, raw) if raw is not None else image_token_ids(self.processor, _Stub(config))
             self._encoding = build_encoding(self.hparams.encoding, self.processor, config, ids)
@@ -363,7 +365,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
                              lambda: self._adapt(load_vlm(self.model_spec, quantize=False))[0])
         if hasattr(merged.config, "use_cache"):
             merged.config.use_cache = True
-        merged.eval().save_pretrained(out)
+        save_pretrained_safetensors(merged.eval(), out)
         self.processor.save_pretrained(out)
         (out / "mmtune.json").write_text(json.dumps({"task": "vision_language", "source_model": self.model_spec.name},
                                                     indent=2))
