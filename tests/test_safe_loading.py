@@ -87,7 +87,7 @@ def test_the_payload_really_runs_code_when_unpickled(malicious):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("verb", ["fit", "validate", "test", "predict"])
+@pytest.mark.parametrize("verb", ["fit", "validate", "test", "predict", "evaluate"])
 def test_every_lightning_verb_refuses_it(verb, trained, malicious, color_set, capsys):
     path, marker = malicious
     args = [verb, "--config", trained["config"], "--runs_dir", trained["runs"], "--run_name", "attacked",
@@ -100,6 +100,15 @@ def test_every_lightning_verb_refuses_it(verb, trained, malicious, color_set, ca
     _assert_refused(_error_line(capsys.readouterr().err), path)
     assert not marker.exists()
     assert not (trained["runs"] / "attacked").exists()  # refused before anything was written
+
+
+def test_evaluate_refuses_it_as_a_baseline(trained, malicious, capsys):
+    path, marker = malicious
+    with pytest.raises(SystemExit):
+        run_cli("evaluate", "--config", trained["config"], "--runs_dir", trained["runs"], "--run_name", "attacked",
+                "--ckpt_path", trained["ckpt"], "--baseline", path)
+    _assert_refused(_error_line(capsys.readouterr().err), path)
+    assert not marker.exists()
 
 
 def test_export_refuses_it(tmp_path, malicious, capsys):
