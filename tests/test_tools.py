@@ -37,6 +37,7 @@ def test_defect_data_is_seeded_and_grouped(tmp_path):
     rows = list(csv.DictReader(open(manifest)))
     assert Counter(r["label"] for r in rows) == {"clean": 6, "scratch": 6, "spot": 6, "crack": 6}
     assert len({r["group"] for r in rows}) == 4 and all((manifest.parent / r["path"]).is_file() for r in rows)
+    assert {r["line"] for r in rows} == {"A", "B"}  # a production-line column for the demo's subgroup audit
 
 
 def test_efficientnet_lite_weights_convert_to_timm(tmp_path):

@@ -16,12 +16,13 @@ Position, size and contrast vary per image, and brushed textures contain line-li
 streaks, so a small CNN needs a few epochs to tell the classes apart but can reach
 high accuracy. Every image belongs to one production lot (``group`` column); images of
 a lot share background settings (finish, tint, brightness), so a group-aware split is
-measurably more honest than a random one.
+measurably more honest than a random one. Even lots ran on production line A, odd lots on
+line B (``line`` column): a subgroup to audit the model on.
 
 Output::
 
     DIR/images/<class>/<class>_<i>.png
-    DIR/manifest.csv     (header: path,label,group; path relative to the manifest)
+    DIR/manifest.csv     (header: path,label,group,line; path relative to the manifest)
 
 The output is byte-for-byte deterministic for a given seed (each image has its own
 seeded generator, independent of generation order).
@@ -238,11 +239,11 @@ def make_defect_dataset(out_dir, per_class: int = 100, size: int = 64, seed: int
             img = render_image(label, size, rng, lot_params[lot_idx])
             rel = f"images/{label}/{label}_{i}.png"
             img.save(out_dir / rel, format="PNG", optimize=False, compress_level=6)
-            rows.append((rel, label, lot_name(lot_idx, lots)))
+            rows.append((rel, label, lot_name(lot_idx, lots), "AB"[lot_idx % 2]))
     manifest = out_dir / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(("path", "label", "group"))
+        writer.writerow(("path", "label", "group", "line"))
         writer.writerows(rows)
     return manifest
 
