@@ -43,12 +43,18 @@ def _as_weights(weights: Optional[np.ndarray], n: int) -> np.ndarray:
     return w[None, :] if w.ndim == 1 else w
 
 
-def _tie_groups(scores: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The sort order of `scores` and the start index of each run of equal scores in it."""
+def _weights_per_tie_group(scores, positive, weights, descending: bool) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Positive and negative weight of each run of equal scores, in score order: [B, groups] each
+    (None for no samples). Ties form one group: one threshold, never an order the model did not give."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    w = _as_weights(weights, len(scores))
     order = np.argsort(-scores if descending else scores, kind="stable")
     s = scores[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, dtype=int)
-    return order, starts
+    if not len(s):
+        return None
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    pos, wo = positive[order], w[:, order]
+    return np.add.reduceat(wo * pos, starts, axis=1), np.add.reduceat(wo * ~pos, starts, axis=1)
 
 
 def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
@@ -62,15 +68,10 @@ def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: Optional[n
     Returns:
         [B] AUROC values; NaN where a row has no positive or no negative weight.
     """
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    w = _as_weights(weights, len(scores))
-    order, starts = _tie_groups(scores, descending=False)
-    if not len(starts):
-        return np.full(len(w), np.nan)
-    pos = positive[order]
-    wo = w[:, order]
-    p = np.add.reduceat(wo * pos, starts, axis=1)
-    n = np.add.reduceat(wo * ~pos, starts, axis=1)
+    groups = _weights_per_tie_group(scores, positive, weights, descending=False)
+    if groups is None:
+        return np.full(len(_as_weights(weights, 0)), np.nan)
+    p, n = groups
     below = np.cumsum(n, axis=1) - n
     num = (p * (below + 0.5 * n)).sum(axis=1)
     den = p.sum(axis=1) * n.sum(axis=1)
@@ -82,15 +83,10 @@ def weighted_average_precision(scores: np.ndarray, positive: np.ndarray, weights
                                ) -> np.ndarray:
     """Average precision (scikit-learn's step definition: sum over thresholds of recall gained times
     precision), tied scores forming one threshold, for each row of `weights`. NaN without positives."""
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    w = _as_weights(weights, len(scores))
-    order, starts = _tie_groups(scores, descending=True)
-    if not len(starts):
-        return np.full(len(w), np.nan)
-    pos = positive[order]
-    wo = w[:, order]
-    tp = np.cumsum(np.add.reduceat(wo * pos, starts, axis=1), axis=1)
-    fp = np.cumsum(np.add.reduceat(wo * ~pos, starts, axis=1), axis=1)
+    groups = _weights_per_tie_group(scores, positive, weights, descending=True)
+    if groups is None:
+        return np.full(len(_as_weights(weights, 0)), np.nan)
+    tp, fp = (np.cumsum(g, axis=1) for g in groups)
     total = tp[:, -1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
