@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import mmtune  # noqa: F401  (registers the task and data classes for short class_path names)
 from mmtune.errors import ConfigError, MMTuneError
+from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.tasks.common import load_task, read_checkpoint
 
@@ -62,6 +63,7 @@ class MMTuneCLI(LightningCLI):
                             help="Run name (default: the last --config file's name); runs go to runs_dir/run_name/version_N")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of all runs")
         parser.add_dataclass_arguments(EvaluationSpec, "evaluation")
+        parser.add_dataclass_arguments(RetentionSpec, "retention")
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """LightningCLI's subcommands, plus `evaluate`, whose arguments come from `MMTuneCLI.evaluate`
@@ -211,6 +213,13 @@ class MMTuneCLI(LightningCLI):
                                 TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
             kwargs["default_root_dir"] = str(run_dir)
+        if self.subcommand == "fit":  # forgetting checks: scored before and after fine-tuning
+            from mmtune.evaluation.retention import retention_callbacks
+
+            extra = retention_callbacks(as_retention_spec(self._get(self.config_init, "retention")))
+            if extra:
+                given = trainer_cfg.get("callbacks") or []
+                kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *extra]
         return super().instantiate_trainer(**kwargs)
 
 
