@@ -12,9 +12,9 @@ treat identical captions or images in a batch as positives, not as negatives.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -40,6 +40,7 @@ class ImageText:
         split: split named by the source, if any.
         label: class name, for zero-shot evaluation (optional).
         origin: where it came from (`pairs.csv row 12`).
+        meta: the row's other columns with plain values (site, scanner, sex, ...), for subgroup audits.
     """
 
     path: str
@@ -48,6 +49,7 @@ class ImageText:
     split: Optional[str] = None
     label: Optional[str] = None
     origin: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def stable_key(value: str) -> int:
@@ -106,7 +108,10 @@ def read_pairs(source: str, image_column: str = "image", text_column: str = "tex
                 raise DataError(f"{origin}: no group column {group_column!r} (columns: {list(row)})")
             group = str(row[group_column])
         label = (str(row.get(label_column) or "").strip() or None) if label_column else None
-        pair = ImageText(str(image), text, group, split, label, origin)
+        used = {image_column, text_column, split_column, label_column}
+        meta = {k: v for k, v in row.items()
+                if k not in used and k is not None and isinstance(v, (str, int, float, bool))}
+        pair = ImageText(str(image), text, group, split, label, origin, meta)
         if not text:
             bad[origin] = "empty text"
         elif not row[image_column] or not image.is_file():

@@ -236,7 +236,8 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
 
     def _publish_records(self, stage: str, data: dict) -> None:
         """One record per distinct query of each direction: its rank (0-based, among distinct items),
-        the pair row that names it and that row's columns; zero-shot correctness for image queries.
+        the pair row that names it and that row's columns (its fields and the manifest's other
+        columns, so subgroup audits can slice by them); zero-shot correctness for image queries.
         The evaluation room resamples queries within each direction for intervals."""
         dataset = self.trainer.test_dataloaders.dataset
         rows = getattr(dataset, "pairs", None) or dataset.rows
@@ -251,7 +252,9 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
             ranks, first_rows = distinct_ranks(queries, docs, qkeys, dkeys)
             for rank, row in zip(ranks.tolist(), first_rows.tolist()):
                 item = rows[data["index"][row]]
-                meta = {k: v for k, v in vars(item).items() if k not in ("split",) and v is not None}
+                # the row's own fields and its other manifest columns, flat (a subgroup column is a key)
+                fields = {k: v for k, v in vars(item).items() if k not in ("split", "meta") and v is not None}
+                meta = {**(getattr(item, "meta", None) or {}), **fields}
                 stats = {"rank": float(rank)}
                 if zero_shot is not None and direction == names[0]:
                     stats["zero_shot_correct"] = float(zero_shot[row])
