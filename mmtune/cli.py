@@ -127,7 +127,8 @@ class MMTuneCLI(LightningCLI):
         return EvaluationSpec(**raw)
 
     def _summarize(self, stage: str) -> None:
-        """Intervals for the test metrics (into metrics.json), printed as a table; rank 0 only."""
+        """Intervals for the test metrics and subgroup audits (into metrics.json), printed as tables;
+        rank 0 only."""
         from mmtune.evaluation.bootstrap import Interval
         from mmtune.evaluation.run import headline, interval_table, summarize_test
 
@@ -143,6 +144,11 @@ class MMTuneCLI(LightningCLI):
         print(f"[mmtune] {len(records)} test samples; {spec.bootstrap.confidence:.0%} bootstrap intervals "
               f"({spec.bootstrap.resamples} resamples, seed {spec.bootstrap.seed}):")
         print(interval_table(headline(values), spec.bootstrap.confidence))
+        if entry.get("subgroups"):
+            from mmtune.evaluation.subgroups import subgroup_table
+
+            for column, audit in entry["subgroups"].items():
+                print(subgroup_table(column, audit))
 
     def after_test(self) -> None:
         self._summarize("test")

@@ -30,7 +30,8 @@ def data_summary(records: RecordSet) -> dict:
 
 def summarize_test(run_dir: Path, records: RecordSet, spec: EvaluationSpec, section: str = "test") -> dict:
     """Adds the test set's size, class counts and every metric's bootstrap interval to the `section`
-    entry of `metrics.json`, and writes the run report. Returns the entry.
+    entry of `metrics.json` (and, when `spec.subgroups` names columns, their subgroup audits under
+    `subgroups`), and writes the run report. Returns the entry.
 
     A calibrated classifier's records also give the top-level `calibration` entry (what was fitted on
     validation, and the test set's calibration error before and after the temperature)."""
@@ -44,13 +45,19 @@ def summarize_test(run_dir: Path, records: RecordSet, spec: EvaluationSpec, sect
     calibration = calibration_entry(records)
     if calibration is not None:
         update_json(path, "calibration", calibration)
+    if spec.subgroups:  # after the intervals are saved: a misnamed column loses no result
+        from mmtune.evaluation.subgroups import audit  # it imports this module's tables
+
+        entry["subgroups"] = audit(records, spec)
+        update_json(path, section, entry)
     return entry
 
 
 def compare_records(run_dir: Path, tuned: RecordSet, baseline: RecordSet, baseline_name: str,
                     spec: EvaluationSpec) -> dict[str, Comparison]:
-    """Paired comparison of the two record sets, written to `evaluation/` (both record sets and
-    `comparison.json`) and to the `evaluate` entry of `metrics.json`."""
+    """Paired comparison of the two record sets (per subgroup too, when `spec.subgroups` names
+    columns), written to `evaluation/` (both record sets and `comparison.json`) and to the `evaluate`
+    entry of `metrics.json`."""
     result = compare(tuned, baseline, spec.bootstrap)
     folder = Path(run_dir) / "evaluation"
     write_records(folder / "tuned.jsonl", tuned)
@@ -59,6 +66,10 @@ def compare_records(run_dir: Path, tuned: RecordSet, baseline: RecordSet, baseli
              "bootstrap": {"resamples": spec.bootstrap.resamples, "confidence": spec.bootstrap.confidence,
                            "seed": spec.bootstrap.seed},
              "comparison": {name: c.as_dict() for name, c in result.items()}}
+    if spec.subgroups:
+        from mmtune.evaluation.subgroups import compare_subgroups
+
+        entry["subgroups"] = compare_subgroups(tuned, baseline, spec)
     write_text_atomic(folder / "comparison.json", json.dumps(entry, indent=2))
     update_json(Path(run_dir) / "metrics.json", "evaluate", entry)
     return result
