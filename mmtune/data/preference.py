@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
-from mmtune.data.text import (IGNORE, Collator, Conversation, TextData, TextFields, TextSource, Tokenized, _load_rows,
-                              row_to_sample, tokenize_conversation)
+from mmtune.data.text import TextData
+from mmtune.data.text_batches import Collator, TokenDataset
+from mmtune.data.text_reading import Conversation, TextFields, TextSource, _load_rows, row_to_sample
+from mmtune.data.text_tokens import IGNORE, Tokenized, tokenize_conversation
 from mmtune.errors import DataError
 
 
@@ -110,8 +112,6 @@ class PreferenceData(TextData):
         return out, st
 
     def _rows(self, split: str, packed: bool):
-        from mmtune.data.text import TokenDataset
-
         if self.tokenizer is None:
             raise RuntimeError("connect() the data module to a task before asking for data")
         items = self.tokenized.get(split) or []

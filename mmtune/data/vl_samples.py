@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from mmtune.data.readers import read_saved_dataset
 from mmtune.data.splits import split_name
-from mmtune.data.text import ROLE_ALIASES, _load_rows, raw_turns
+from mmtune.data.text_reading import ROLE_ALIASES, _load_rows, raw_turns
 from mmtune.errors import ConfigError, DataError
 
 VisualFormat = Literal["auto", "caption", "vqa", "chat"]

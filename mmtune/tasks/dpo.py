@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from mmtune.data.text import IGNORE
+from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ConfigError
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common

@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
-from mmtune.data.text import Conversation, PromptCollator, prompt_conversation
+from mmtune.data.text_batches import PromptCollator
+from mmtune.data.text_reading import Conversation, prompt_conversation
 from mmtune.errors import ConfigError
 from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.models.hf import (

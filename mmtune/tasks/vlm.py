@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
 from mmtune.data.samplers import stratified_sample
-from mmtune.data.text import IGNORE
+from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
 from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.metrics.text import text_metrics, vqa_accuracy
