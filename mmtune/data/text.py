@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -174,7 +175,7 @@ class TextData(L.LightningDataModule):
                     st["dropped"] += 1
                     continue
                 st["truncated"] += 1
-                item = Tokenized(item.input_ids[:self.max_length], item.labels[:self.max_length], item.origin)
+                item = replace(item, input_ids=item.input_ids[:self.max_length], labels=item.labels[:self.max_length])
             if all(label == IGNORE for label in item.labels[1:]):
                 st["no_target"] += 1  # e.g. the reply was cut off entirely: nothing to learn, and a NaN loss
                 continue

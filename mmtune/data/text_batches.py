@@ -53,6 +53,11 @@ class Collator:
     for each; it gets no 2D attention mask, so transformers derives a block-diagonal causal mask from
     the position ids (sdpa, eager, flex) or varlen boundaries (flash attention): attention stays inside
     each sample. The first token of each sample carries no label, as it has no predecessor unpacked.
+
+    Besides the model inputs, a batch says whose each token is: `row_ids` (`[B, T]`) is the index of
+    the token's sample among the batch's samples (-1 on padding), and `origins`/`meta` list those
+    samples' ids and metadata in that order, so per-sample losses are exact under packing too
+    (`mmtune.losses.tokens.token_loss_per_row`).
     """
 
     pad_id: int
@@ -64,6 +69,8 @@ class Collator:
         labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
         positions = torch.zeros((len(items), width), dtype=torch.long)
         attention = torch.zeros((len(items), width), dtype=torch.long)
+        row_ids = torch.full((len(items), width), -1, dtype=torch.long)
+        samples: list[Tokenized] = []
         for r, row in enumerate(items):
             at = 0
             for s in row:
@@ -73,11 +80,14 @@ class Collator:
                 labels[r, at] = IGNORE
                 positions[r, at:at + n] = torch.arange(n)
                 attention[r, at:at + n] = 1
+                row_ids[r, at:at + n] = len(samples)
+                samples.append(s)
                 at += n
             # padding continues as its own "sample" (positions from 0): it never joins a real one
             positions[r, at:] = torch.arange(width - at)
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
-                 "num_tokens": attention.sum()}
+                 "num_tokens": attention.sum(), "row_ids": row_ids,
+                 "origins": [s.origin for s in samples], "meta": [s.meta for s in samples]}
         if not self.packed:
             batch["attention_mask"] = attention
         return batch

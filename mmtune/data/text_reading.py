@@ -74,10 +74,12 @@ class TextSource:
 
 @dataclass
 class Conversation:
-    """Turns `{"role", "content"}` in order; `origin` says where it came from (file and line)."""
+    """Turns `{"role", "content"}` in order; `origin` says where it came from (file and line), `meta`
+    holds the row's other columns (category, source, language, ...) for subgroup audits."""
 
     messages: list[dict[str, str]]
     origin: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class PlainText:
 
     text: str
     origin: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 Sample = Union[Conversation, PlainText]
@@ -194,10 +197,21 @@ def _role(raw: Any, fields: TextFields, origin: str) -> str:
     return role
 
 
+def format_columns(fmt: str, fields: TextFields) -> set[str]:
+    """The columns a format reads; a row's other columns are its metadata."""
+    return {"text": {fields.text},
+            "alpaca": {fields.instruction, fields.input, fields.output, fields.system},
+            "prompt_completion": {fields.prompt, fields.completion, fields.system},
+            "messages": {fields.messages, "conversations", fields.system}}.get(fmt, set())
+
+
 def row_to_sample(row: dict, fmt: str, fields: TextFields, origin: str) -> Sample:
-    """One source row as a standard sample; a row missing its fields is a DataError naming `origin`."""
+    """One source row as a standard sample; a row missing its fields is a DataError naming `origin`.
+    The columns the format does not read travel as the sample's `meta`."""
+    used = format_columns(fmt, fields)
+    meta = {k: v for k, v in row.items() if k not in used and k is not None}
     if fmt == "text":
-        return PlainText(_text(row, fields.text, origin), origin)
+        return PlainText(_text(row, fields.text, origin), origin, meta)
     system = _text(row, fields.system, origin, required=False)
     head = [{"role": "system", "content": system}] if system else []
     if fmt == "alpaca":
@@ -205,10 +219,11 @@ def row_to_sample(row: dict, fmt: str, fields: TextFields, origin: str) -> Sampl
         extra = _text(row, fields.input, origin, required=False)
         user = f"{instruction}\n\n{extra}" if extra else instruction
         return Conversation(head + [{"role": "user", "content": user},
-                                    {"role": "assistant", "content": _text(row, fields.output, origin)}], origin)
+                                    {"role": "assistant", "content": _text(row, fields.output, origin)}], origin, meta)
     if fmt == "prompt_completion":
         return Conversation(head + [{"role": "user", "content": _text(row, fields.prompt, origin)},
-                                    {"role": "assistant", "content": _text(row, fields.completion, origin)}], origin)
+                                    {"role": "assistant", "content": _text(row, fields.completion, origin)}], origin,
+                            meta)
     if fmt != "messages":
         raise ConfigError(f"unknown text format {fmt!r}")
     messages = []
@@ -216,7 +231,7 @@ def row_to_sample(row: dict, fmt: str, fields: TextFields, origin: str) -> Sampl
         if not isinstance(content, str):
             raise DataError(f"{origin}: turn {k}: {fields.content!r} must be text, got {type(content).__name__}")
         messages.append({"role": _role(raw_role, fields, origin), "content": content})
-    return Conversation(messages, origin)
+    return Conversation(messages, origin, meta)
 
 
 def read_source(source: TextSource) -> list[Sample]:

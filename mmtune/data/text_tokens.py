@@ -7,8 +7,8 @@ without them, by rendering each conversation prefix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from mmtune.data.text_reading import Conversation, PlainText
 from mmtune.errors import DataError
@@ -18,11 +18,12 @@ IGNORE = -100  # label of tokens that carry no loss (torch cross_entropy's ignor
 
 @dataclass
 class Tokenized:
-    """Token ids and labels (`IGNORE` where no loss) of one sample."""
+    """Token ids and labels (`IGNORE` where no loss) of one sample, with its origin and metadata columns."""
 
     input_ids: list[int]
     labels: list[int]
     origin: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -89,7 +90,7 @@ def tokenize_conversation(tokenizer, conv: Conversation, assistant_only: bool) -
         raise DataError(f"{conv.origin}: the chat template drops the assistant's text ({missing[0][:60]!r} is not in "
                         f"{where}); fix the template or choose another with data.chat_template")
     labels = [t if m or not assistant_only else IGNORE for t, m in zip(ids, mask)]
-    return Tokenized(ids, labels, conv.origin)
+    return Tokenized(ids, labels, conv.origin, conv.meta)
 
 
 def tokenize_text(tokenizer, sample: PlainText) -> Tokenized:
@@ -97,4 +98,4 @@ def tokenize_text(tokenizer, sample: PlainText) -> Tokenized:
     ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
-    return Tokenized(list(ids), list(ids), sample.origin)
+    return Tokenized(list(ids), list(ids), sample.origin, sample.meta)

@@ -52,7 +52,7 @@ class TextLossScorer(Scorer):
                 item = tokenize_text(tokenizer, sample)
             else:
                 item = tokenize_conversation(tokenizer, sample, rset.assistant_only_loss)
-            item = Tokenized(item.input_ids[:rset.max_length], item.labels[:rset.max_length], item.origin)
+            item = Tokenized(item.input_ids[:rset.max_length], item.labels[:rset.max_length], item.origin, item.meta)
             if any(label != IGNORE for label in item.labels[1:]):
                 items.append(item)
         if not items:
