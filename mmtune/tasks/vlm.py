@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -22,41 +21,9 @@ from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safete
 from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
+from mmtune.tasks.vlm_decoding import DecodingSpec, answer_start
 
-
-@dataclass
-class DecodingSpec:
-    """How answers are generated at validation, test and predict.
-
-    Args:
-        max_new_tokens: longest generated answer.
-        num_beams: beam search width (1: greedy unless sampling).
-        do_sample: sample with `temperature` and `top_p` instead of searching.
-        temperature: sampling temperature.
-        top_p: nucleus sampling mass.
-        repetition_penalty: >1 discourages repeating tokens (long reports).
-        val_samples: generate for this many validation samples per validation (None: all, 0: none,
-            only the loss): a seeded sample spread over answer types (each type at least once, the rest
-            in proportion), the same at every validation and on every process, so that validations
-            compare; test and predict always generate for every sample.
-        val_samples_seed: seed of that sample.
-    """
-
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    val_samples: Optional[int] = None
-    val_samples_seed: int = 0
-
-    def generate_kwargs(self) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
-                      repetition_penalty=self.repetition_penalty)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
+__all__ = ["DecodingSpec", "VisionLanguageTask"]
 
 
 @common.TASKS.register("vision_language")
@@ -283,7 +250,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         finally:
             self.net.train(was_training)
         if prompt_ids is not None and not is_encoder_decoder(self._raw()):
-            out = out[:, _common_prefix(out, prompt_ids, inputs.get("input_ids")):]
+            out = out[:, answer_start(out, prompt_ids, inputs.get("input_ids")):]
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     def _entries(self, index: list[int]) -> list[dict]:
@@ -423,17 +390,3 @@ def _shift_right(labels: torch.Tensor, config) -> torch.Tensor:
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = start
     return shifted.masked_fill(shifted == IGNORE, pad)
-
-
-def _common_prefix(out: torch.Tensor, prompt_ids: torch.Tensor, edited: Optional[torch.Tensor]) -> int:
-    """How many leading positions of `out` repeat the prompt (generate returns prompt + answer; some
-    families drop or replace prompt tokens first, so the prompt as sent and as edited are both tried)."""
-    best = 0
-    for ids in (prompt_ids, edited):
-        if ids is None:
-            continue
-        n = min(ids.shape[1], out.shape[1])
-        same = (out[:, :n] == ids[:, :n]).all(0)
-        k = int(same.long().cumprod(0).sum()) if n else 0
-        best = max(best, k)
-    return best
