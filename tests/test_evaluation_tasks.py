@@ -358,6 +358,28 @@ def test_vqa_records_give_the_logged_metrics_and_evaluate_compares(tmp_path, vlm
     assert comparison["loss"]["baseline"] > comparison["loss"]["tuned"]
 
 
+def test_vlm_base_baseline_is_the_untuned_model(tmp_path, vlm_root):
+    from mmtune.data.vl_data import VisionTextData, VisualCollate
+    from mmtune.models.vlm import load_vlm
+    from mmtune.tasks.vlm import VisionLanguageTask
+
+    model = {"name": str(tiny_vlm_dir("llava", vlm_root))}
+    tuned = VisionLanguageTask(model=model, adapter={"method": "lora", "r": 4, "parts": {"vision": "adapter"}})
+    base = build_baseline(tuned, "base")
+    base.configure_model()
+    dm = VisionTextData(path=str(_vqa_file(tmp_path)), batch_size=4, num_workers=0)
+    dm.setup("test")
+    dm.connect(base.encoding)
+    dataset = dm._dataset("test")
+    batch = VisualCollate(dm.encoding, dm.max_length, with_prompts=False)([dataset[i] for i in range(3)])
+    plain = load_vlm(ModelSpec(**model)).eval()
+    base.eval()
+    with torch.no_grad():
+        got = base.net(**base._inputs(batch["inputs"]), use_cache=False).logits
+        expected = plain(**batch["inputs"], use_cache=False).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
 def test_caption_records_say_not_vqa_and_repeated_ids_are_told_apart(tmp_path, vlm_root):
     import lightning as L
 
