@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmtune.data.text import (IGNORE, Collator, Conversation, TextData, TextFields, TextSource, Tokenized, _load_rows,
-                              row_to_sample, tokenize_conversation)
+from mmtune.data.text import TextData
+from mmtune.data.text_batches import Collator, TokenDataset
+from mmtune.data.text_reading import Conversation, TextFields, TextSource, _load_rows, row_to_sample
+from mmtune.data.text_tokens import IGNORE, Tokenized, tokenize_conversation
 from mmtune.errors import DataError
+
+PREFERENCE_COLUMNS = {"prompt", "chosen", "rejected"}
 
 
 @dataclass
 class Preference:
-    """A prompt (turns) with a preferred and a dispreferred assistant reply."""
+    """A prompt (turns) with a preferred and a dispreferred assistant reply; `meta` holds the row's other columns."""
 
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
     origin: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _turns(value: Any, origin: str, key: str) -> list[dict[str, str]]:
@@ -56,7 +61,8 @@ def row_to_preference(row: dict, origin: str) -> Preference:
         raise DataError(f"{origin}: no 'prompt' field, and 'chosen'/'rejected' do not share the turns before their replies")
     if not chosen.strip() or not rejected.strip():
         raise DataError(f"{origin}: empty chosen or rejected reply")
-    return Preference(prompt, chosen, rejected, origin)
+    meta = {k: v for k, v in row.items() if k not in PREFERENCE_COLUMNS and k is not None}
+    return Preference(prompt, chosen, rejected, origin, meta)
 
 
 class PairCollator:
@@ -87,7 +93,7 @@ class PreferenceData(TextData):
         prompt_len = len(self.tokenizer.apply_chat_template(pref.prompt, add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)["input_ids"])
         labels = [IGNORE] * prompt_len + item.labels[prompt_len:]  # earlier assistant turns are context
-        return Tokenized(item.input_ids, labels, pref.origin)
+        return Tokenized(item.input_ids, labels, pref.origin, pref.meta)
 
     def _tokenize(self, samples: list) -> tuple[list, dict[str, int]]:
         if self.packing:
@@ -101,7 +107,8 @@ class PreferenceData(TextData):
                     st["dropped"] += 1
                     continue
                 st["truncated"] += 1
-                pair = [Tokenized(x.input_ids[:self.max_length], x.labels[:self.max_length], x.origin) for x in pair]
+                pair = [replace(x, input_ids=x.input_ids[:self.max_length], labels=x.labels[:self.max_length])
+                        for x in pair]
             if any(all(label == IGNORE for label in x.labels[1:]) for x in pair):
                 st["no_target"] += 1
                 continue
@@ -110,8 +117,6 @@ class PreferenceData(TextData):
         return out, st
 
     def _rows(self, split: str, packed: bool):
-        from mmtune.data.text import TokenDataset
-
         if self.tokenizer is None:
             raise RuntimeError("connect() the data module to a task before asking for data")
         items = self.tokenized.get(split) or []

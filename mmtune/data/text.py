@@ -1,462 +1,43 @@
-"""Text data for causal-LM fine-tuning: local files -> conversations or plain text -> token ids with
-loss masks -> padded or packed batches.
+"""The data module of causal-LM fine-tuning: local files -> conversations or plain text -> token ids
+with loss masks -> padded or packed batches.
 
-Files are read with `datasets` (JSON, JSONL, CSV, Parquet). Each row becomes a standard sample: a
-`Conversation` (alpaca, messages in OpenAI or ShareGPT form, prompt/completion) or a `PlainText`
-(continued pretraining). Conversations are rendered with the tokenizer's chat template; the loss mask
-covers the assistant replies only (by default), found with the template's `{% generation %}` markers
-or, for templates without them, by rendering each conversation prefix.
+The jobs live in sibling modules: reading files into samples (`text_reading`), tokenizing with loss
+masks (`text_tokens`), packing and collation (`text_batches`). Their public names are re-exported
+here, so `from mmtune.data.text import ...` keeps working.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmtune.data.samplers import EpochSampler
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
+from mmtune.data.text_batches import Collator, PromptCollator, PromptDataset, TokenDataset, pack
+from mmtune.data.text_reading import (READERS, ROLE_ALIASES, ROLES, Conversation, PlainText, Sample, TextFields,
+                                      TextFormat, TextSource, detect_format, prompt_conversation, raw_turns,
+                                      read_prompts, read_source, row_to_sample)
+from mmtune.data.text_tokens import (IGNORE, Tokenized, assistant_spans, rendered_spans, tokenize_conversation,
+                                     tokenize_text)
 from mmtune.errors import ConfigError, DataError
 
 log = logging.getLogger("mmtune")
 
-IGNORE = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
-TextFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
-READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-ROLES = ("system", "user", "assistant", "tool")
-# ShareGPT and other common role names, mapped onto the OpenAI ones.
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant",
-                "function": "tool", "observation": "tool"}
+__all__ = [
+    "IGNORE", "READERS", "ROLES", "ROLE_ALIASES", "Collator", "Conversation", "PlainText", "PromptCollator",
+    "PromptDataset", "Sample", "TextData", "TextFields", "TextFormat", "TextSource", "TokenDataset", "Tokenized",
+    "assistant_spans", "detect_format", "pack", "prompt_conversation", "raw_turns", "read_prompts", "read_source",
+    "rendered_spans", "row_to_sample", "tokenize_conversation", "tokenize_text",
+]
 
 
-@dataclass
-class TextFields:
-    """Field names in the source rows, for data whose names differ from the defaults.
-
-    Args:
-        messages: the list of turns (messages form). `conversations` is also tried when absent.
-        role: the role key of a turn (`from` is also tried: ShareGPT).
-        content: the text key of a turn (`value` is also tried: ShareGPT).
-        roles: extra source role name -> `system`/`user`/`assistant`/`tool` (ShareGPT's `human`/`gpt` are known).
-        instruction: alpaca instruction.
-        input: alpaca input (optional in a row).
-        output: alpaca output.
-        system: a system prompt field (alpaca and prompt/completion; optional in a row).
-        prompt: prompt/completion prompt.
-        completion: prompt/completion completion.
-        text: plain text.
-    """
-
-    messages: str = "messages"
-    role: str = "role"
-    content: str = "content"
-    roles: dict[str, str] = field(default_factory=dict)
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    system: str = "system"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    text: str = "text"
-
-
-@dataclass
-class TextSource:
-    """One data file and how it enters the training mix.
-
-    Args:
-        path: a .json, .jsonl, .csv or .parquet file.
-        format: `alpaca`, `messages`, `prompt_completion`, `text`, or `auto` (from the fields present).
-        weight: how often each row is used per epoch: 2.0 repeats every row twice, 0.5 uses a seeded
-            random half (mixes several sources in chosen proportions).
-        fields: field names, when they differ from the defaults.
-    """
-
-    path: str
-    format: TextFormat = "auto"
-    weight: float = 1.0
-    fields: TextFields = field(default_factory=TextFields)
-
-
-@dataclass
-class Conversation:
-    """Turns `{"role", "content"}` in order; `origin` says where it came from (file and line)."""
-
-    messages: list[dict[str, str]]
-    origin: str
-
-
-@dataclass
-class PlainText:
-    """Text for continued pretraining: every token carries loss."""
-
-    text: str
-    origin: str
-
-
-Sample = Union[Conversation, PlainText]
-
-
-# ---- reading -----------------------------------------------------------------------------------------
-def _load_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of a file through `datasets`, and where each came from (`file line N` / `file row N`)."""
-    kind = READERS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .json, .jsonl, .csv or .parquet)")
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty")
-    if path.suffix.lower() == ".jsonl":
-        _check_json_lines(path)
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as err:  # noqa: BLE001  (datasets raises many kinds for unreadable files)
-        raise DataError(f"{path}: cannot read it as {kind}: {type(err).__name__}: {str(err)[:300]}") from None
-    rows = ds.to_list()
-    if not rows:
-        raise DataError(f"{path} has no rows")
-    if path.suffix.lower() == ".jsonl":
-        lines = [i for i, line in enumerate(path.open(encoding="utf-8"), start=1) if line.strip()]
-        origins = [f"{path} line {n}" for n in lines] if len(lines) == len(rows) else None
-    elif path.suffix.lower() == ".csv":
-        origins = [f"{path} row {i + 2}" for i in range(len(rows))]  # the header is row 1
-    else:
-        origins = None
-    return rows, origins or [f"{path} item {i + 1}" for i in range(len(rows))]
-
-
-def _check_json_lines(path: Path) -> None:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
-                if not isinstance(value, dict):
-                    raise DataError(f"{path} line {i}: expected a JSON object, got {type(value).__name__}")
-
-
-def detect_format(columns: set[str], fields: TextFields) -> str:
-    """The format whose fields the rows have (messages first: such rows may also carry a `text`)."""
-    if fields.messages in columns or "conversations" in columns:
-        return "messages"
-    if fields.instruction in columns and fields.output in columns:
-        return "alpaca"
-    if fields.prompt in columns and fields.completion in columns:
-        return "prompt_completion"
-    if fields.text in columns:
-        return "text"
-    raise DataError(f"cannot tell the format from the fields {sorted(columns)}: expected {fields.messages!r} (messages), "
-                    f"{fields.instruction!r}+{fields.output!r} (alpaca), {fields.prompt!r}+{fields.completion!r} "
-                    f"(prompt_completion) or {fields.text!r} (text); set format/fields for other names")
-
-
-def _text(row: dict, key: str, origin: str, required: bool = True) -> Optional[str]:
-    value = row.get(key)
-    if value is None or (isinstance(value, str) and not value.strip() and required):
-        if required:
-            raise DataError(f"{origin}: missing field {key!r} (fields: {sorted(k for k, v in row.items() if v is not None)})")
-        return None
-    if not isinstance(value, str):
-        raise DataError(f"{origin}: field {key!r} must be text, got {type(value).__name__}")
-    return value
-
-
-def raw_turns(row: dict, messages_key: str, role_key: str, content_key: str, where: str) -> list[tuple[int, Any, Any]]:
-    """(index, role, content) of a row's turns, in the OpenAI form (`role`/`content`, or the names
-    given) or ShareGPT's (`conversations` of `from`/`value`). Text and vision-language data both read
-    turns this way; each then checks the content it accepts.
-
-    Raises:
-        DataError: naming `where`, when the turns are missing or a turn lacks its role or content.
-    """
-    turns = row.get(messages_key)
-    if turns is None:
-        turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field {messages_key!r} (or 'conversations') must be a non-empty list of turns")
-    out = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: turn {k} is not an object")
-        role = turn.get(role_key) if turn.get(role_key) is not None else turn.get("from")
-        content = turn.get(content_key) if turn.get(content_key) is not None else turn.get("value")
-        if role is None or content is None:
-            raise DataError(f"{where}: turn {k} needs {role_key!r} and {content_key!r} (or ShareGPT 'from'/'value'); "
-                            f"got keys {sorted(key for key, v in turn.items() if v is not None)}")
-        out.append((k, role, content))
-    return out
-
-
-def _role(raw: Any, fields: TextFields, origin: str) -> str:
-    name = str(raw)
-    role = fields.roles.get(name) or ROLE_ALIASES.get(name.lower()) or name.lower()
-    if role not in ROLES:
-        raise DataError(f"{origin}: unknown role {raw!r} (known: {list(ROLES)}; map others with fields.roles)")
-    return role
-
-
-def row_to_sample(row: dict, fmt: str, fields: TextFields, origin: str) -> Sample:
-    """One source row as a standard sample; a row missing its fields is a DataError naming `origin`."""
-    if fmt == "text":
-        return PlainText(_text(row, fields.text, origin), origin)
-    system = _text(row, fields.system, origin, required=False)
-    head = [{"role": "system", "content": system}] if system else []
-    if fmt == "alpaca":
-        instruction = _text(row, fields.instruction, origin)
-        extra = _text(row, fields.input, origin, required=False)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
-        return Conversation(head + [{"role": "user", "content": user},
-                                    {"role": "assistant", "content": _text(row, fields.output, origin)}], origin)
-    if fmt == "prompt_completion":
-        return Conversation(head + [{"role": "user", "content": _text(row, fields.prompt, origin)},
-                                    {"role": "assistant", "content": _text(row, fields.completion, origin)}], origin)
-    if fmt != "messages":
-        raise ConfigError(f"unknown text format {fmt!r}")
-    messages = []
-    for k, raw_role, content in raw_turns(row, fields.messages, fields.role, fields.content, origin):
-        if not isinstance(content, str):
-            raise DataError(f"{origin}: turn {k}: {fields.content!r} must be text, got {type(content).__name__}")
-        messages.append({"role": _role(raw_role, fields, origin), "content": content})
-    return Conversation(messages, origin)
-
-
-def read_source(source: TextSource) -> list[Sample]:
-    """All rows of one source as samples."""
-    path = Path(source.path).expanduser()
-    rows, origins = _load_rows(path)
-    columns = {k for row in rows for k, v in row.items() if v is not None}
-    fmt = detect_format(columns, source.fields) if source.format == "auto" else source.format
-    return [row_to_sample(row, fmt, source.fields, origin) for row, origin in zip(rows, origins)]
-
-
-# ---- tokenizing ----------------------------------------------------------------------------------------
-@dataclass
-class Tokenized:
-    """Token ids and labels (`IGNORE` where no loss) of one sample."""
-
-    input_ids: list[int]
-    labels: list[int]
-    origin: str = ""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def _has_generation_markers(template: Optional[str]) -> bool:
-    return bool(template) and "{% generation %}" in template.replace("{%-", "{%").replace("-%}", "%}")
-
-
-def _render(tokenizer, messages: list[dict], **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-
-
-def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant replies (with the template's
-    end-of-turn text), found by rendering each prefix: works with any template that renders a
-    conversation's prefix as a prefix of the whole."""
-    return rendered_spans(lambda messages, **kw: _render(tokenizer, messages, **kw), conv.messages, conv.origin)
-
-
-def rendered_spans(render, messages: list[dict], origin: str) -> tuple[str, list[tuple[int, int]]]:
-    """`assistant_spans` for any renderer `render(messages, add_generation_prompt=...) -> str` (a
-    tokenizer's or a multimodal processor's chat template)."""
-    full = render(messages)
-    spans = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(messages[:k], add_generation_prompt=True) if k else ""
-        upto = render(messages[:k + 1])
-        if not (full.startswith(before) and full.startswith(upto)) or len(upto) < len(before):
-            raise DataError(f"{origin}: the chat template does not render conversation prefixes as prefixes of "
-                            "the whole, so the assistant tokens cannot be located; use a template with "
-                            "{% generation %} markers (data.chat_template) or assistant_only_loss: false")
-        spans.append((len(before), len(upto)))
-    return full, spans
-
-
-def tokenize_conversation(tokenizer, conv: Conversation, assistant_only: bool) -> Tokenized:
-    """Token ids and labels of a conversation rendered with the tokenizer's chat template.
-
-    Raises:
-        DataError: no assistant turn, or a template that drops an assistant's text.
-    """
-    replies = [m["content"] for m in conv.messages if m["role"] == "assistant"]
-    if not replies:
-        raise DataError(f"{conv.origin}: the conversation has no assistant turn, so nothing would be learned from it")
-    if _has_generation_markers(tokenizer.chat_template):
-        out = tokenizer.apply_chat_template(conv.messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        text = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-        full = tokenizer.decode(ids)
-    else:
-        full, spans = assistant_spans(tokenizer, conv)
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        # a token overlapping a reply is the reply's (byte-level BPE glues the leading space onto it)
-        mask = [int(any(start < b and end > a for a, b in spans)) for start, end in enc["offset_mapping"]]
-        text = "".join(full[a:b] for a, b in spans)
-    missing = [r for r in replies if r.strip() and r.strip() not in text]
-    if missing:
-        where = "the tokens it marks as the assistant's" if missing[0].strip() in full else "the rendered text"
-        raise DataError(f"{conv.origin}: the chat template drops the assistant's text ({missing[0][:60]!r} is not in "
-                        f"{where}); fix the template or choose another with data.chat_template")
-    labels = [t if m or not assistant_only else IGNORE for t, m in zip(ids, mask)]
-    return Tokenized(ids, labels, conv.origin)
-
-
-def tokenize_text(tokenizer, sample: PlainText) -> Tokenized:
-    """Plain text plus EOS (documents must end, or packed neighbours run into each other)."""
-    ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"]
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids = ids + [tokenizer.eos_token_id]
-    return Tokenized(list(ids), list(ids), sample.origin)
-
-
-# ---- packing and batching -------------------------------------------------------------------------------
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing bins of sample indices, each bin's total length at most `capacity`.
-
-    Deterministic (ties keep input order), so resumed runs pack identically.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    free: list[tuple[int, int]] = []  # (room left, bin id), sorted
-    bins: list[list[int]] = []
-    for i in order:
-        n = lengths[i]
-        at = bisect.bisect_left(free, (n, -1))
-        if at < len(free):
-            room, b = free.pop(at)
-        else:
-            room, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        bisect.insort(free, (room - n, b))
-    return bins
-
-
-class TokenDataset(Dataset):
-    """Items are lists of tokenized samples: one each without packing, several per packed row."""
-
-    def __init__(self, rows: list[list[Tokenized]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key) -> list[Tokenized]:
-        return self.rows[key[1] if isinstance(key, tuple) else key]
-
-
-@dataclass
-class Collator:
-    """Pads rows on the right. A packed row concatenates its samples with position ids restarting at 0
-    for each; it gets no 2D attention mask, so transformers derives a block-diagonal causal mask from
-    the position ids (sdpa, eager, flex) or varlen boundaries (flash attention): attention stays inside
-    each sample. The first token of each sample carries no label, as it has no predecessor unpacked.
-    """
-
-    pad_id: int
-    packed: bool = False
-
-    def __call__(self, items: list[list[Tokenized]]) -> dict[str, torch.Tensor]:
-        width = max(sum(len(s) for s in row) for row in items)
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-        positions = torch.zeros((len(items), width), dtype=torch.long)
-        attention = torch.zeros((len(items), width), dtype=torch.long)
-        for r, row in enumerate(items):
-            at = 0
-            for s in row:
-                n = len(s)
-                ids[r, at:at + n] = torch.tensor(s.input_ids)
-                labels[r, at:at + n] = torch.tensor(s.labels)
-                labels[r, at] = IGNORE
-                positions[r, at:at + n] = torch.arange(n)
-                attention[r, at:at + n] = 1
-                at += n
-            # padding continues as its own "sample" (positions from 0): it never joins a real one
-            positions[r, at:] = torch.arange(width - at)
-        batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
-                 "num_tokens": attention.sum()}
-        if not self.packed:
-            batch["attention_mask"] = attention
-        return batch
-
-
-@dataclass
-class PromptCollator:
-    """Left-padded chat prompts (with the generation prompt) for `generate`."""
-
-    tokenizer: Any
-
-    def __call__(self, items: list[tuple[int, Conversation]]) -> dict:
-        texts = [self.tokenizer.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=True) for _, c in items]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tokenizer.padding_side = side
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "index": torch.tensor([i for i, _ in items])}
-
-
-class PromptDataset(Dataset):
-    def __init__(self, convs: list[Conversation]) -> None:
-        self.convs = convs
-
-    def __len__(self) -> int:
-        return len(self.convs)
-
-    def __getitem__(self, i: int) -> tuple[int, Conversation]:
-        return i, self.convs[i]
-
-
-def prompt_conversation(prompt: Union[str, list, dict], origin: str = "") -> Conversation:
-    """A prompt for generation: a string (one user turn), a list of turns, or a row with `prompt`/`messages`."""
-    if isinstance(prompt, str):
-        return Conversation([{"role": "user", "content": prompt}], origin)
-    if isinstance(prompt, dict):
-        if isinstance(prompt.get("prompt"), str):
-            system = prompt.get("system")
-            head = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
-            return Conversation(head + [{"role": "user", "content": prompt["prompt"]}], origin)
-        if isinstance(prompt.get("instruction"), str):
-            extra = prompt.get("input")
-            user = f"{prompt['instruction']}\n\n{extra}" if extra else prompt["instruction"]
-            return Conversation([{"role": "user", "content": user}], origin)
-        turns = prompt.get("messages", prompt.get("conversations"))
-        if isinstance(turns, list) and turns:
-            conv = row_to_sample({"messages": turns}, "messages", TextFields(), origin)
-            return conv
-        raise DataError(f"{origin}: a prompt row needs 'prompt', 'instruction' or 'messages' (got {sorted(prompt)})")
-    if isinstance(prompt, list):
-        return row_to_sample({"messages": prompt}, "messages", TextFields(), origin)
-    raise DataError(f"{origin}: a prompt must be text, a list of turns, or an object")
-
-
-def read_prompts(path: str) -> list[Conversation]:
-    """Prompts to generate for, from a JSONL/JSON/CSV/Parquet file."""
-    rows, origins = _load_rows(Path(path).expanduser())
-    return [prompt_conversation({k: v for k, v in row.items() if v is not None}, o) for row, o in zip(rows, origins)]
-
-
-# ---- the data module --------------------------------------------------------------------------------------
 class TextData(L.LightningDataModule):
     """Instruction, chat or plain-text data for `CausalLMTask`.
 
@@ -594,7 +175,7 @@ class TextData(L.LightningDataModule):
                     st["dropped"] += 1
                     continue
                 st["truncated"] += 1
-                item = Tokenized(item.input_ids[:self.max_length], item.labels[:self.max_length], item.origin)
+                item = replace(item, input_ids=item.input_ids[:self.max_length], labels=item.labels[:self.max_length])
             if all(label == IGNORE for label in item.labels[1:]):
                 st["no_target"] += 1  # e.g. the reply was cut off entirely: nothing to learn, and a NaN loss
                 continue

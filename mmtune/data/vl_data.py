@@ -27,6 +27,22 @@ from mmtune.errors import DataError
 log = logging.getLogger("mmtune")
 
 
+def unique_ids(samples: list[VisualConversation], split: str) -> list[VisualConversation]:
+    """The split's samples with ids that name one sample each: a repeated id (several captions or
+    questions of one image under its id) gets `#2`, `#3`, ... in file order, so per-sample records,
+    predictions and the pairing of a baseline with the tuned model stay one-to-one and stable."""
+    seen: dict[str, int] = {}
+    renamed = 0
+    for s in samples:
+        n = seen[s.id] = seen.get(s.id, 0) + 1
+        if n > 1:
+            s.id, renamed = f"{s.id}#{n}", renamed + 1
+    if renamed:
+        log.warning("[mmtune] %s split: %d sample(s) repeat an earlier sample's id; they are told apart as "
+                    "<id>#2, <id>#3, ... in file order", split, renamed)
+    return samples
+
+
 class VisualDataset(Dataset):
     """Prepared samples with their images decoded (in the loader's workers)."""
 
@@ -143,7 +159,7 @@ class VisionTextData(L.LightningDataModule):
         extra = {name: self._source(src) for name, src in (("val", self.val_path), ("test", self.test_path)) if src}
         samples = place_in_splits(samples, extra, self.split_ratios, self.seed, True, self.path)
         samples = self._check_images(samples)
-        self.samples = {name: [s for s in samples if s.split == name] for name in SPLIT_NAMES}
+        self.samples = {name: unique_ids([s for s in samples if s.split == name], name) for name in SPLIT_NAMES}
         if not self.samples["train"]:
             raise DataError(f"the train split of {self.path} is empty")
         if self.skipped:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from mmtune.data.text import IGNORE, rendered_spans
+from mmtune.data.text_tokens import IGNORE, rendered_spans
 from mmtune.data.vl_samples import VisualConversation
 from mmtune.errors import ConfigError, DataError
 from mmtune.registry import Registry

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 from mmtune.data.readers import read_saved_dataset
 from mmtune.data.splits import split_name
-from mmtune.data.text import ROLE_ALIASES, _load_rows, raw_turns
+from mmtune.data.text_reading import ROLE_ALIASES, _load_rows, raw_turns
 from mmtune.errors import ConfigError, DataError
 
 VisualFormat = Literal["auto", "caption", "vqa", "chat"]
@@ -68,6 +68,9 @@ class VisualConversation:
         answer_type: closed/open (VQA), if given.
         group: group key for splitting.
         split: split named by the source.
+        format: the format the row was read in (`caption`, `vqa`, `chat`): VQA accuracy is scored
+            for `vqa` samples.
+        meta: the row's other columns (site, modality, age band, ...), for subgroup audits.
     """
 
     id: str
@@ -77,6 +80,8 @@ class VisualConversation:
     answer_type: Optional[str] = None
     group: Optional[str] = None
     split: Optional[str] = None
+    format: Optional[str] = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -192,7 +197,10 @@ def row_to_sample(row: dict, fmt: str, fields: VisualFields, root: Path, origin:
         raise DataError(f"sample {sid}: the last turn must be the assistant's (the answer to learn)")
     group = _str(row, fields.group, sid, "group", required=False)
     split = split_name(_str(row, fields.split, sid, "split", required=False), f"sample {sid}")
-    return VisualConversation(sid, messages, images, answers, answer_type, group, split)
+    used = {fields.id, fields.image, "images", fields.text, fields.prompt, fields.question, fields.answer,
+            fields.answer_type, fields.messages, "conversations", fields.group, fields.split}
+    meta = {k: v for k, v in row.items() if k not in used and k is not None}
+    return VisualConversation(sid, messages, images, answers, answer_type, group, split, fmt, meta)
 
 
 def _chat_messages(row: dict, fields: VisualFields, sid: str, placeholder: str) -> list[dict]:

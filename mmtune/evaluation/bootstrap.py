@@ -10,6 +10,7 @@ give the same interval on any machine.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -20,6 +21,9 @@ from mmtune.evaluation.scores import Metric, metrics_for
 from mmtune.metrics.records import RecordSet
 
 CHUNK = 100  # resamples evaluated at once: bounds memory at CHUNK x N weights
+LOSS_METRICS = ("loss", "perplexity")  # per-token metrics: comparable only on the same tokens
+
+log = logging.getLogger("mmtune")
 
 
 @dataclass
@@ -141,13 +145,32 @@ def align(tuned: RecordSet, baseline: RecordSet) -> RecordSet:
         if a != b:
             raise DataError(f"the baseline predicts other classes ({b}) than the tuned model ({a}): they cannot "
                             "be compared on one test set")
+    a, b = tuned.info.get("vocabulary"), baseline.info.get("vocabulary")
+    if a and b and a != b:
+        raise DataError("the baseline's tokenizer has another vocabulary than the tuned model's: their per-token "
+                        "losses count different tokens and cannot be compared (use a baseline with the same tokenizer)")
     by_id = {r.id: r for r in baseline.records}
     missing = [r.id for r in tuned.records if r.id not in by_id]
     if missing or len(by_id) != len(tuned.records):
         raise DataError(f"the baseline was scored on other samples than the tuned model ({len(baseline)} vs "
                         f"{len(tuned)} records; e.g. {missing[:1] or sorted(set(by_id) - set(tuned.ids))[:1]} "
                         "is in one only): score both on the same test set")
-    return RecordSet(baseline.kind, [by_id[i] for i in tuned.ids], baseline.info)
+    aligned = RecordSet(baseline.kind, [by_id[i] for i in tuned.ids], baseline.info)
+    if tuned.kind == "language_model":
+        other = token_count_mismatch(tuned, aligned)
+        if other:
+            raise DataError(f"the baseline supervises other tokens than the tuned model ({other}): another chat "
+                            "template or tokenizer? Per-token losses compare only on the same tokens")
+    return aligned
+
+
+def token_count_mismatch(tuned: RecordSet, baseline: RecordSet) -> Optional[str]:
+    """The first sample (in the tuned order, both aligned) whose supervised token counts differ, as
+    text; None when every sample has the same count or the records carry none."""
+    for t, b in zip(tuned.records, baseline.records):
+        if "tokens" in t.stats and "tokens" in b.stats and t.stats["tokens"] != b.stats["tokens"]:
+            return f"sample {t.id}: {b.stats['tokens']:g} tokens against {t.stats['tokens']:g}"
+    return None
 
 
 def compare(tuned: RecordSet, baseline: RecordSet, spec: BootstrapSpec = BootstrapSpec()) -> dict[str, Comparison]:
@@ -156,6 +179,12 @@ def compare(tuned: RecordSet, baseline: RecordSet, spec: BootstrapSpec = Bootstr
     mt = {m.name: m for m in metrics_for(tuned)}
     mb = {m.name: m for m in metrics_for(baseline)}
     names = [n for n in mt if n in mb]
+    other_tokens = token_count_mismatch(tuned, baseline)
+    if other_tokens and any(n in LOSS_METRICS for n in names):
+        # generated text still compares (the text metrics), the per-token loss does not
+        log.warning("the baseline supervises other tokens than the tuned model (%s): loss and perplexity are "
+                    "left out of the comparison", other_tokens)
+        names = [n for n in names if n not in LOSS_METRICS]
     n = len(tuned)
     diffs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for w in resample_weights(n, spec, _strata(tuned)):

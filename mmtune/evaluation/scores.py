@@ -172,7 +172,8 @@ def token_loss_metrics(records: RecordSet) -> list[Metric]:
 
 def generation_metrics(records: RecordSet) -> list[Metric]:
     """bleu4, rougeL, chrf of generated text against references; vqa_acc (overall and per answer
-    type) when records carry accepted answers; the token loss when records carry it."""
+    type) for VQA (`info.vqa`; without it, when records carry accepted answers); the token loss when
+    records carry it."""
     rows = [r for r in records.records if r.prediction is not None]
     metrics = token_loss_metrics(records)
     if len(rows) != len(records):  # generation was not run for every sample (e.g. only the loss)
@@ -185,7 +186,10 @@ def generation_metrics(records: RecordSet) -> list[Metric]:
     metrics += [Metric("bleu4", lambda w: text_stats.bleu_from_stats(w @ bleu)),
                 Metric("rougeL", _mean_of(rouge)),
                 Metric("chrf", lambda w: text_stats.chrf_from_stats(w @ chrf))]
-    if records.info.get("vqa") or any(r.meta.get("answers") for r in records.records):
+    vqa = records.info.get("vqa")  # the task says whether its data are questions; older records do not
+    if vqa is None:
+        vqa = any(r.meta.get("answers") for r in records.records)
+    if vqa:
         hits = np.array([float(normalize_answer(p) in {normalize_answer(a) for a in (r.meta.get("answers") or [t])})
                          for p, t, r in zip(preds, refs, records.records)])
         metrics.append(Metric("vqa_acc", _mean_of(hits)))

@@ -3,11 +3,13 @@ per-token mean taken over the global batch of every process."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmtune.data.text import IGNORE
+from mmtune.data.text_tokens import IGNORE
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,6 +20,39 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                             reduction="sum")
     return total, (labels != IGNORE).sum()
+
+
+def token_loss_per_row(logits: torch.Tensor, labels: torch.Tensor, row_ids: Optional[torch.Tensor] = None,
+                       rows: Optional[int] = None, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_loss` split by sample: the summed cross entropy over each sample's labeled tokens and
+    their count, as two `[rows]` tensors (float32 sums, int64 counts).
+
+    A packed batch row holds several samples, so the batch row does not say whose a token is:
+    `row_ids` (`[B, T]`, the sample index of every token, negative on padding) does; without it each
+    batch row is one sample. A token's loss belongs to the sample of the token it predicts (the
+    shifted label), and the first token of each packed sample carries no label, so no loss crosses
+    samples. The per-sample sums add up to `token_loss`'s total (up to float32 summation order).
+
+    Args:
+        logits: `[B, T, V]`.
+        labels: `[B, T]`, `IGNORE` where no loss.
+        row_ids: `[B, T]` sample index of each token (None: the batch row).
+        rows: number of samples (default: the largest id + 1).
+        shift: next-token prediction (decoder-only); False for an encoder-decoder's aligned logits.
+    """
+    if row_ids is None:
+        row_ids = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    if shift:
+        logits, labels, row_ids = logits[:, :-1], labels[:, 1:], row_ids[:, 1:]
+    per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                                reduction="none")
+    ids = row_ids.reshape(-1).to(per_token.device)
+    keep = (labels.reshape(-1) != IGNORE) & (ids >= 0)
+    n = int(rows) if rows is not None else int(ids[keep].max()) + 1 if keep.any() else 0
+    ids = ids[keep]
+    sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add_(0, ids, per_token[keep])
+    counts = torch.zeros(n, dtype=torch.long, device=per_token.device).index_add_(0, ids, torch.ones_like(ids))
+    return sums, counts
 
 
 def global_token_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,6 +198,16 @@ def load_tokenizer(spec: ModelSpec, chat_template: Optional[str] = None):
     return tok
 
 
+def vocabulary_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary (token -> id, special tokens included): two models
+    whose per-token losses are compared must split text into the same tokens."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus the end-of-turn token of ChatML-style templates, for generation."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -270,6 +270,15 @@ def gather_objects(items: list) -> list:
     return [x for part in gathered for x in part]
 
 
+def gather_records(records: list[SampleRecord]) -> list[SampleRecord]:
+    """Every process's records, each sample once: a distributed sampler pads the last batches with
+    repeats of earlier samples, which have the same id. Call it on every rank (it gathers)."""
+    unique: dict[str, SampleRecord] = {}
+    for record in gather_objects(records):
+        unique.setdefault(record.id, record)
+    return list(unique.values())
+
+
 def publish_records(module: L.LightningModule, stage: str, kind: str, records: list[SampleRecord],
                     info: Optional[dict] = None) -> RecordSet:
     """Hands out a stage's per-sample records: gathered from every process (the padding a distributed
@@ -278,9 +287,7 @@ def publish_records(module: L.LightningModule, stage: str, kind: str, records: l
 
     Call it on every rank (it gathers).
     """
-    unique: dict[str, SampleRecord] = {}
-    for record in gather_objects(records):
-        unique.setdefault(record.id, record)
+    unique = {r.id: r for r in gather_records(records)}
     info = dict(info or {})
     trainer = module._trainer
     if trainer is not None and trainer.ckpt_path:

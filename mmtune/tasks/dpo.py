@@ -9,8 +9,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from mmtune.data.text import IGNORE
+from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ConfigError
+from mmtune.metrics.records import SampleRecord
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 from mmtune.tasks.sft import CausalLMTask, GenerationSpec
@@ -37,13 +38,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def preference_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, spec: PreferenceSpec
-                    ) -> dict[str, torch.Tensor]:
-    """Loss and diagnostics from log-probabilities of [chosen..., rejected...] rows.
+def preference_terms(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, spec: PreferenceSpec
+                     ) -> dict[str, torch.Tensor]:
+    """Per-pair loss and diagnostics from log-probabilities of [chosen..., rejected...] rows.
 
     Returns:
-        `loss` (the term to minimize), `reward_margin` (mean beta-scaled chosen-minus-rejected implicit
-        reward) and `accuracy` (share of pairs whose chosen reply gets the higher reward).
+        `[pairs]` tensors: `loss` (the term to minimize), `reward_margin` (beta-scaled chosen-minus-
+        rejected implicit reward) and `accuracy` (1 where the chosen reply gets the higher reward).
     """
     n = len(policy) // 2
     ratios = policy - reference
@@ -51,12 +52,19 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch
         ratios = ratios / counts.clamp(min=1)
     diff = ratios[:n] - ratios[n:]
     if spec.loss == "sigmoid":
-        loss = -F.logsigmoid(spec.beta * diff).mean()
+        loss = -F.logsigmoid(spec.beta * diff)
     else:
-        loss = ((diff - 1 / (2 * spec.beta)) ** 2).mean()
+        loss = (diff - 1 / (2 * spec.beta)) ** 2
     rewards = spec.beta * (policy - reference).detach()
     margin = rewards[:n] - rewards[n:]
-    return {"loss": loss, "reward_margin": margin.mean(), "accuracy": (margin > 0).float().mean()}
+    return {"loss": loss, "reward_margin": margin, "accuracy": (margin > 0).float()}
+
+
+def preference_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, spec: PreferenceSpec
+                    ) -> dict[str, torch.Tensor]:
+    """`preference_terms` averaged over the batch's pairs: `loss`, mean `reward_margin`, `accuracy`
+    (share of pairs whose chosen reply gets the higher reward)."""
+    return {name: value.mean() for name, value in preference_terms(policy, reference, counts, spec).items()}
 
 
 @common.TASKS.register("dpo")
@@ -71,6 +79,11 @@ class DPOTask(CausalLMTask):
         checkpoint_weights, predictions_file: as in `CausalLMTask`.
         preference: beta and loss variant.
     """
+
+    # Rewards are measured against the reference model: an exported model as the baseline would be its
+    # own reference (every reward 0), so `mmtune evaluate` takes DPO checkpoints (reference: the base).
+    baseline_from_export = False
+    record_kind = "preference"  # a test record per pair
 
     def __init__(
         self,
@@ -92,7 +105,6 @@ class DPOTask(CausalLMTask):
             raise ConfigError(f"preference.beta must be positive, got {self.preference_spec.beta}")
         self.hparams["preference"] = spec_to_dict(self.preference_spec)
         self._ref: Optional[torch.nn.Module] = None
-        self._eval_stats: list[dict[str, float]] = []
 
     def configure_model(self) -> None:
         if self.net is not None:
@@ -114,10 +126,12 @@ class DPOTask(CausalLMTask):
                     logits = self.net(**inputs, use_cache=False).logits
         return sequence_logps(logits, batch["labels"])[0]
 
-    def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
-        """`loss` to minimize plus `reward_margin` and `accuracy` for the logs."""
+    def loss_terms(self, batch: dict, per_pair: bool = False) -> dict[str, torch.Tensor]:
+        """`loss` to minimize plus `reward_margin` and `accuracy` for the logs: batch means, or `[pairs]`
+        tensors with `per_pair`."""
         policy, counts = sequence_logps(self(batch), batch["labels"])
-        return preference_loss(policy, self._reference_logps(batch), counts, self.preference_spec)
+        terms = preference_terms if per_pair else preference_loss
+        return terms(policy, self._reference_logps(batch), counts, self.preference_spec)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
@@ -126,14 +140,19 @@ class DPOTask(CausalLMTask):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=pairs)
         return terms["loss"]
 
-    def _eval_step(self, batch: dict) -> None:
-        terms = self.loss_terms(batch)
+    def sample_records(self, batch: dict) -> list[SampleRecord]:
+        """One record per pair: its `loss`, `reward_margin` and `accuracy` (1/0), with the pair's origin
+        as id and its metadata columns (the batch holds the chosen rows, then the rejected ones)."""
+        terms = {name: value.tolist() for name, value in self.loss_terms(batch, per_pair=True).items()}
         pairs = len(batch["input_ids"]) // 2
-        self._eval_stats.append({**{k: float(v) * pairs for k, v in terms.items()}, "pairs": pairs})
+        return [SampleRecord(id=batch["origins"][i], stats={name: values[i] for name, values in terms.items()},
+                             meta=dict(batch["meta"][i])) for i in range(pairs)]
 
-    def _log_loss(self, stage: str) -> None:
-        stats = common.gather_objects(self._eval_stats)
-        self._eval_stats = []
-        pairs = max(sum(s["pairs"] for s in stats), 1)
+    def records_info(self) -> dict:
+        return {**super().records_info(), "beta": self.preference_spec.beta, "loss": self.preference_spec.loss}
+
+    def _log_metrics(self, stage: str, records: list[SampleRecord]) -> None:
+        pairs = max(len(records), 1)
         for name in ("loss", "reward_margin", "accuracy"):
-            self.log(f"{stage}/{name}", torch.tensor(sum(s[name] for s in stats) / pairs), prog_bar=name == "loss")
+            self.log(f"{stage}/{name}", torch.tensor(sum(r.stats[name] for r in records) / pairs),
+                     prog_bar=name == "loss")

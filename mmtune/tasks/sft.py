@@ -12,9 +12,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
-from mmtune.data.text import Conversation, PromptCollator, prompt_conversation
+from mmtune.data.text_batches import PromptCollator
+from mmtune.data.text_reading import Conversation, prompt_conversation
 from mmtune.errors import ConfigError
-from mmtune.losses.tokens import global_token_mean, token_loss
+from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
+from mmtune.metrics.records import SampleRecord
 from mmtune.models.hf import (
     decoder_layers,
     lm_parts,
@@ -23,6 +25,7 @@ from mmtune.models.hf import (
     resolve_hf_ref,
     save_pretrained_safetensors,
     stop_token_ids,
+    vocabulary_fingerprint,
 )
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
@@ -101,7 +104,8 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         self.tokenizer = load_tokenizer(self.model_spec, chat_template)
         self.net: Optional[torch.nn.Module] = None
         self.adapter_report: Optional[AdapterReport] = None
-        self._eval_sums = [0.0, 0]  # summed token loss and token count of the current evaluation
+        self._eval_records: list[SampleRecord] = []  # this process's samples of the current evaluation
+        self._vocabulary: Optional[str] = None
         self._predictions: list[tuple[int, str]] = []
         self._packing = False
 
@@ -174,10 +178,28 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         self.log("train/tokens", batch["num_tokens"].float(), reduce_fx="sum", batch_size=1)
         return loss
 
+    # What `mmtune test` hands out per sample (`mmtune.metrics.records`): here the summed token loss
+    # and token count of each conversation; DPO: the preference terms of each pair.
+    record_kind = "language_model"
+
+    def sample_records(self, batch: dict) -> list[SampleRecord]:
+        """One record per sample of a batch: its summed token cross entropy (`loss_sum`) and number of
+        supervised tokens (`tokens`), exact under packing (the collator's `row_ids` say whose each
+        token is), with the sample's origin as id and its metadata columns."""
+        origins = batch["origins"]
+        sums, counts = token_loss_per_row(self(batch), batch["labels"], batch["row_ids"], len(origins))
+        return [SampleRecord(id=origin, stats={"loss_sum": loss_sum, "tokens": tokens}, meta=dict(meta))
+                for origin, loss_sum, tokens, meta in zip(origins, sums.tolist(), counts.tolist(), batch["meta"])]
+
+    def records_info(self) -> dict:
+        """Facts the records need beside themselves: per-token losses of two models compare only when
+        both split text into the same tokens (`vocabulary`)."""
+        if self._vocabulary is None:
+            self._vocabulary = vocabulary_fingerprint(self.tokenizer)
+        return {"model": self.model_spec.name, "adapter": self.adapter_spec.method, "vocabulary": self._vocabulary}
+
     def _eval_step(self, batch: dict) -> None:
-        total, count = token_loss(self(batch), batch["labels"])
-        self._eval_sums[0] += float(total)
-        self._eval_sums[1] += int(count)
+        self._eval_records += self.sample_records(batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
@@ -185,18 +207,27 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def _log_loss(self, stage: str) -> None:
-        # Plain sums rather than a torchmetrics state: the loss is a per-token mean over the whole split
-        # (over every process), and sums survive validate-then-fit (inference-mode tensors would not).
-        sums = common.gather_objects([tuple(self._eval_sums)])
-        self._eval_sums = [0.0, 0]
-        total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
-        loss = torch.tensor(total / max(count, 1))
-        self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)))
+    def _finish_eval(self, stage: str) -> None:
+        """Gathers the split's per-sample records from every process (each sample once, whatever a
+        distributed sampler repeated), publishes them at test and logs the metrics they give."""
+        mine, self._eval_records = self._eval_records, []
+        if stage == "test":
+            records = common.publish_records(self, stage, self.record_kind, mine, self.records_info()).records
+        else:
+            records = common.gather_records(mine)
+        self._log_metrics(stage, records)
+
+    def _log_metrics(self, stage: str, records: list[SampleRecord]) -> None:
+        # Plain per-sample sums rather than a torchmetrics state: the loss is a per-token mean over the
+        # whole split, and sums survive validate-then-fit (inference-mode tensors would not).
+        total = sum(r.stats["loss_sum"] for r in records)
+        count = sum(r.stats["tokens"] for r in records)
+        loss = torch.tensor(total / max(count, 1), dtype=torch.float64)
+        self.log(f"{stage}/loss", loss.float(), prog_bar=True)
+        self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)).float())
 
     def on_validation_epoch_end(self) -> None:
-        self._log_loss("val")
+        self._finish_eval("val")
         if self.trainer.sanity_checking or not self.generation_spec.prompts:
             return
         out = common.run_dir(self.trainer)
@@ -211,7 +242,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
                 f.write(json.dumps({"step": self.trainer.global_step, "messages": conv.messages, "generation": text}) + "\n")
 
     def on_test_epoch_end(self) -> None:
-        self._log_loss("test")
+        self._finish_eval("test")
 
     # ---- generation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -13,49 +12,18 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
 from mmtune.data.samplers import stratified_sample
-from mmtune.data.text import IGNORE
+from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
-from mmtune.losses.tokens import global_token_mean, token_loss
+from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
+from mmtune.metrics.records import SampleRecord
 from mmtune.metrics.text import text_metrics, vqa_accuracy
-from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors
+from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors, vocabulary_fingerprint
 from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
+from mmtune.tasks.vlm_decoding import DecodingSpec, answer_start
 
-
-@dataclass
-class DecodingSpec:
-    """How answers are generated at validation, test and predict.
-
-    Args:
-        max_new_tokens: longest generated answer.
-        num_beams: beam search width (1: greedy unless sampling).
-        do_sample: sample with `temperature` and `top_p` instead of searching.
-        temperature: sampling temperature.
-        top_p: nucleus sampling mass.
-        repetition_penalty: >1 discourages repeating tokens (long reports).
-        val_samples: generate for this many validation samples per validation (None: all, 0: none,
-            only the loss): a seeded sample spread over answer types (each type at least once, the rest
-            in proportion), the same at every validation and on every process, so that validations
-            compare; test and predict always generate for every sample.
-        val_samples_seed: seed of that sample.
-    """
-
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    val_samples: Optional[int] = None
-    val_samples_seed: int = 0
-
-    def generate_kwargs(self) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
-                      repetition_penalty=self.repetition_penalty)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
+__all__ = ["DecodingSpec", "VisionLanguageTask"]
 
 
 @common.TASKS.register("vision_language")
@@ -113,8 +81,8 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         self.net: Optional[torch.nn.Module] = None
         self.adapter_report: Optional[AdapterReport] = None
         self._encoding = None
-        self._eval_sums = [0.0, 0]
-        self._rows: list[dict] = []
+        # this process's samples of the current evaluation or prediction: id -> {sample, loss, prediction}
+        self._seen: dict[str, dict] = {}
         self._val_chosen: Optional[frozenset[int]] = None  # validation rows to generate for (None: all)
         self._vision_side: Optional[list[torch.nn.Parameter]] = None
 
@@ -174,18 +142,27 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         dtype = next(p.dtype for p in self.net.parameters() if p.is_floating_point())
         return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
 
-    def loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed token cross entropy over labeled tokens and the token count of a batch."""
+    def _logits(self, batch: dict) -> tuple[torch.Tensor, bool]:
+        """The batch's logits over its labels, and whether they predict the next token (decoder-only)
+        or line up with the labels (encoder-decoder)."""
         raw = self._raw()
         inputs = self._inputs(batch["inputs"])
         if is_encoder_decoder(raw):
             labels = batch["labels"]
             decoder_input_ids = raw.prepare_decoder_input_ids_from_labels(labels) if hasattr(
                 raw, "prepare_decoder_input_ids_from_labels") else _shift_right(labels, raw.config)
-            logits = self.net(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits
-            return token_loss(logits, labels, shift=False)
-        logits = self.net(**inputs, use_cache=False).logits
-        return token_loss(logits, batch["labels"], shift=True)
+            return self.net(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits, False
+        return self.net(**inputs, use_cache=False).logits, True
+
+    def loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token cross entropy over labeled tokens and the token count of a batch."""
+        logits, shift = self._logits(batch)
+        return token_loss(logits, batch["labels"], shift=shift)
+
+    def sample_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss_sums` per sample (batch row): `[B]` summed token losses and token counts."""
+        logits, shift = self._logits(batch)
+        return token_loss_per_row(logits, batch["labels"], rows=len(batch["labels"]), shift=shift)
 
     def _unused_trainable_guard(self) -> torch.Tensor:
         """Zero that touches every trainable vision-tower and projector weight.
@@ -212,9 +189,9 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, generate: bool) -> None:
-        total, count = self.loss_sums(batch)
-        self._eval_sums[0] += float(total)
-        self._eval_sums[1] += int(count)
+        sums, counts = self.sample_losses(batch)
+        for entry, loss_sum, tokens in zip(self._entries(batch["index"].tolist()), sums.tolist(), counts.tolist()):
+            entry["stats"] = {"loss_sum": loss_sum, "tokens": tokens}
         if generate:
             self._collect(batch, self.generate_batch(batch["prompt_inputs"]))
 
@@ -273,15 +250,43 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         finally:
             self.net.train(was_training)
         if prompt_ids is not None and not is_encoder_decoder(self._raw()):
-            out = out[:, _common_prefix(out, prompt_ids, inputs.get("input_ids")):]
+            out = out[:, answer_start(out, prompt_ids, inputs.get("input_ids")):]
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
+    def _entries(self, index: list[int]) -> list[dict]:
+        """This process's entries (sample, loss, prediction) of dataset rows `index`, made on first use."""
+        items = self._current_dataset().items
+        return [self._seen.setdefault(items[i].sample.id, {"sample": items[i].sample}) for i in index]
+
     def _collect(self, batch: dict, texts: list[str]) -> None:
-        dataset = self._current_dataset()
-        for i, text in zip(batch["index"].tolist(), texts):
-            s = dataset.items[i].sample
-            self._rows.append({"id": s.id, "reference": s.reference, "prediction": text, "answers": s.answers,
-                               "answer_type": s.answer_type, "images": s.images})
+        for entry, text in zip(self._entries(batch["index"].tolist()), texts):
+            entry["prediction"] = text
+
+    def _local_records(self) -> list[SampleRecord]:
+        """One record per sample this process scored: the generated text (None where it did not
+        generate), the reference, the summed token loss and token count, and the sample's metadata
+        (accepted answers and answer type for VQA, images, group, the row's other columns)."""
+        records = []
+        for sid, entry in self._seen.items():
+            s = entry["sample"]
+            meta = {**s.meta, "answers": list(s.answers), "answer_type": s.answer_type, "images": list(s.images),
+                    **({"group": s.group} if s.group is not None else {})}
+            records.append(SampleRecord(id=sid, target=s.reference, prediction=entry.get("prediction"),
+                                        stats=dict(entry.get("stats") or {}), meta=meta))
+        self._seen = {}
+        return records
+
+    def _is_vqa(self) -> bool:
+        """Whether the split is VQA (its samples were read as questions with accepted answers): it
+        decides the same for every process, from the whole split, whichever samples generated."""
+        return any(it.sample.format == "vqa" or len(it.sample.answers) > 1 or it.sample.answer_type
+                   for it in self._current_dataset().items)
+
+    def records_info(self) -> dict:
+        """Facts the records need beside themselves: `vqa` (score VQA accuracy) and the tokenizer's
+        `vocabulary` (per-token losses of two models compare only with the same tokens)."""
+        return {"model": self.model_spec.name, "adapter": self.adapter_spec.method, "vqa": self._is_vqa(),
+                "vocabulary": vocabulary_fingerprint(self.processor.tokenizer)}
 
     def _current_dataset(self):
         trainer = self.trainer
@@ -295,35 +300,33 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
 
     # ---- epoch ends ----------------------------------------------------------------------------------
     def _finish(self, stage: str) -> None:
-        sums = common.gather_objects([tuple(self._eval_sums)])
-        self._eval_sums = [0.0, 0]
-        total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
-        loss = torch.tensor(total / max(count, 1))
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=False)
-        rows = self._gathered_rows()
+        """Gathers the split's records from every process (each sample once, whatever a distributed
+        sampler repeated), publishes them at test, and logs the loss and the text metrics they give."""
+        if stage == "test":
+            info = self.records_info()
+            records = common.publish_records(self, stage, "generation", self._local_records(), info).records
+            vqa = info["vqa"]
+        else:
+            records = common.gather_records(self._local_records())
+            vqa = self._is_vqa()
+        scored = [r for r in records if "tokens" in r.stats]
+        total, count = sum(r.stats["loss_sum"] for r in scored), sum(r.stats["tokens"] for r in scored)
+        loss = torch.tensor(total / max(count, 1), dtype=torch.float64)
+        self.log(f"{stage}/loss", loss.float(), prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)).float(), sync_dist=False)
+        rows = [r for r in records if r.prediction is not None]
         if not rows:
             return
-        metrics = text_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
-        if any(len(r["answers"]) > 1 or r["answer_type"] for r in rows) or self._is_vqa(rows):
-            types = [r["answer_type"] for r in rows]
-            metrics.update(vqa_accuracy([r["prediction"] for r in rows], [r["answers"] or [r["reference"]] for r in rows],
+        metrics = text_metrics([r.prediction for r in rows], [r.target for r in rows])
+        if vqa:
+            types = [r.meta["answer_type"] for r in rows]
+            metrics.update(vqa_accuracy([r.prediction for r in rows], [r.meta["answers"] or [r.target] for r in rows],
                                         types if any(types) else None))
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
         self._write_predictions(stage, rows)
 
-    def _is_vqa(self, rows: list[dict]) -> bool:
-        dm = self.trainer.datamodule if self.trainer is not None else None
-        return getattr(dm, "format", None) == "vqa"
-
-    def _gathered_rows(self) -> list[dict]:
-        rows = common.gather_objects(self._rows)
-        self._rows = []
-        unique = {r["id"]: r for r in rows}  # a distributed sampler pads with repeats
-        return list(unique.values())
-
-    def _write_predictions(self, stage: str, rows: list[dict]) -> None:
+    def _write_predictions(self, stage: str, rows: list[SampleRecord]) -> None:
         out = common.run_dir(self.trainer)
         if not self.trainer.is_global_zero:
             return
@@ -334,8 +337,9 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("w") as f:
             for r in rows:
-                f.write(json.dumps({"id": r["id"], "reference": r["reference"], "prediction": r["prediction"],
-                                    **({"answer_type": r["answer_type"]} if r["answer_type"] else {})}) + "\n")
+                answer_type = r.meta.get("answer_type")
+                f.write(json.dumps({"id": r.id, "reference": r.target, "prediction": r.prediction,
+                                    **({"answer_type": answer_type} if answer_type else {})}) + "\n")
         if stage != "val":
             rank_zero_info(f"[mmtune] wrote {len(rows)} predictions to {target}")
 
@@ -346,7 +350,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         self._finish("test")
 
     def on_predict_epoch_end(self) -> None:
-        rows = self._gathered_rows()
+        rows = common.gather_records(self._local_records())
         if rows:
             self._write_predictions("predict", rows)
 
@@ -386,17 +390,3 @@ def _shift_right(labels: torch.Tensor, config) -> torch.Tensor:
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = start
     return shifted.masked_fill(shifted == IGNORE, pad)
-
-
-def _common_prefix(out: torch.Tensor, prompt_ids: torch.Tensor, edited: Optional[torch.Tensor]) -> int:
-    """How many leading positions of `out` repeat the prompt (generate returns prompt + answer; some
-    families drop or replace prompt tokens first, so the prompt as sent and as edited are both tried)."""
-    best = 0
-    for ids in (prompt_ids, edited):
-        if ids is None:
-            continue
-        n = min(ids.shape[1], out.shape[1])
-        same = (out[:, :n] == ids[:, :n]).all(0)
-        k = int(same.long().cumprod(0).sum()) if n else 0
-        best = max(best, k)
-    return best

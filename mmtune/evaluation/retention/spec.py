@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from mmtune.data.text import TextFields, TextFormat
+from mmtune.data.text_reading import TextFields, TextFormat
 from mmtune.errors import ConfigError
 
 RetentionKind = Literal["text_loss", "lm_eval", "zero_shot", "retrieval", "feature_agreement"]

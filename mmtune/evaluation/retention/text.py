@@ -11,7 +11,9 @@ from typing import Iterator
 
 from torch import nn
 
-from mmtune.data.text import IGNORE, Collator, PlainText, TextSource, Tokenized, read_source, tokenize_conversation, tokenize_text
+from mmtune.data.text_batches import Collator
+from mmtune.data.text_reading import PlainText, TextSource, read_source
+from mmtune.data.text_tokens import IGNORE, Tokenized, tokenize_conversation, tokenize_text
 from mmtune.errors import ConfigError
 from mmtune.evaluation.retention.scorers import SCORERS, Runner, Scorer, chunks, limited
 from mmtune.evaluation.retention.spec import RetentionSet
@@ -50,7 +52,7 @@ class TextLossScorer(Scorer):
                 item = tokenize_text(tokenizer, sample)
             else:
                 item = tokenize_conversation(tokenizer, sample, rset.assistant_only_loss)
-            item = Tokenized(item.input_ids[:rset.max_length], item.labels[:rset.max_length], item.origin)
+            item = Tokenized(item.input_ids[:rset.max_length], item.labels[:rset.max_length], item.origin, item.meta)
             if any(label != IGNORE for label in item.labels[1:]):
                 items.append(item)
         if not items:
