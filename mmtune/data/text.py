@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmtune.data.samplers import EpochSampler
+from mmtune.data.samplers import EpochSampler, ResumableLoader
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
 from mmtune.errors import ConfigError, DataError
 
@@ -392,7 +392,9 @@ class Collator:
             # padding continues as its own "sample" (positions from 0): it never joins a real one
             positions[r, at:] = torch.arange(width - at)
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
-                 "num_tokens": attention.sum()}
+                 "num_tokens": attention.sum(),
+                 # where each sample came from (file and line), named by errors about the batch
+                 "sample_id": [s.origin for row in items for s in row]}
         if not self.packed:
             batch["attention_mask"] = attention
         return batch
@@ -627,8 +629,9 @@ class TextData(L.LightningDataModule):
         return TokenDataset([[x] for x in items])
 
     def _loader(self, dataset: Dataset, batch_size: int, collate, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch
+        return loader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
+                      persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._rows("train", self.packing)
