@@ -1,4 +1,5 @@
-"""Callbacks every task attaches: per-step seeding (exact resume) and the run's metrics.json."""
+"""Callbacks every task attaches: per-step seeding and the loader's position (exact resume), and the
+run's metrics.json."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from mmtune.data.samplers import seed_everything_from
+from mmtune.data.samplers import ResumableLoader, seed_everything_from
 from mmtune.files import read_json, write_text_atomic
 
 
@@ -28,6 +29,34 @@ class StepSeed(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         seed_everything_from(int(os.environ.get("PL_GLOBAL_SEED", "0")), trainer.global_step, trainer.global_rank,
                              accelerators=True)
+
+
+class ResumeLoaderPosition(Callback):
+    """Gives a mid-epoch checkpoint's loader position (`ResumableLoader.state_dict`) back to the training
+    loader when a fit resumes, so the epoch goes on with the next batch instead of starting over.
+
+    Lightning hands loader states back only if it builds the train loader after restoring the
+    checkpoint, but `trainer.estimated_stepping_batches` (the schedule's length, asked for in
+    `configure_optimizers`) builds it before, and the state is then dropped. The loader starts
+    drawing at its first batch, after `on_train_start`, so setting the position here is in time.
+    """
+
+    def __init__(self) -> None:
+        self._states: Optional[list] = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        self._states = (fit_loop.get("state_dict") or {}).get("combined_loader")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states, self._states = self._states, None
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else list(loaders) if isinstance(
+            loaders, (list, tuple)) else [loaders]
+        if states and len(states) == len(loaders):
+            for loader, state in zip(loaders, states):
+                if isinstance(loader, ResumableLoader):
+                    loader.load_state_dict(state)
 
 
 def _scalar(value: Any) -> Optional[float]:
@@ -86,6 +115,9 @@ class RunSummary(Callback):
                              monitor=ckpt.monitor, **_checkpoint_position(ckpt.best_model_path))
             else:
                 extra.update(last_model_path=ckpt.best_model_path or None)
+        for callback in trainer.callbacks:  # e.g. mmtune.faults.NonFiniteGuard: batches skipped
+            if callable(getattr(callback, "fit_summary", None)):
+                extra.update(callback.fit_summary())
         return extra
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

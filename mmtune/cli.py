@@ -25,6 +25,7 @@ import mmtune  # noqa: F401  (registers the task and data classes for short clas
 from mmtune.errors import ConfigError, MMTuneError
 from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
+from mmtune.faults import FaultSpec, fault_callbacks, slurm_requeued
 from mmtune.tasks.common import load_task, read_checkpoint
 
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
@@ -64,6 +65,7 @@ class MMTuneCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of all runs")
         parser.add_dataclass_arguments(EvaluationSpec, "evaluation")
         parser.add_dataclass_arguments(RetentionSpec, "retention")
+        parser.add_dataclass_arguments(FaultSpec, "faults")
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """LightningCLI's subcommands, plus `evaluate`, whose arguments come from `MMTuneCLI.evaluate`
@@ -126,6 +128,10 @@ class MMTuneCLI(LightningCLI):
         raw["bootstrap"] = as_spec(BootstrapSpec, raw.get("bootstrap"))
         return EvaluationSpec(**raw)
 
+    def _fault_spec(self) -> FaultSpec:
+        raw = self._get(self.config_init, "faults")
+        return raw if isinstance(raw, FaultSpec) else FaultSpec(**dict(raw or {}))
+
     def _summarize(self, stage: str) -> None:
         """Intervals for the test metrics and subgroup audits (into metrics.json), printed as tables;
         rank 0 only."""
@@ -169,6 +175,10 @@ class MMTuneCLI(LightningCLI):
             name = Path(str(configs[-1])).stem if configs else "run"
         base = Path(cfg.get("runs_dir") or "runs") / name
         ckpt = cfg.get("ckpt_path")
+        if not ckpt and self.subcommand == "fit" and slurm_requeued() and any(
+                (base / f"version_{v}" / "checkpoints" / "last.ckpt").is_file() for v in _versions(base)):
+            # the same command again after a requeue: go on from the checkpoint saved on SIGTERM
+            ckpt = cfg.ckpt_path = "last"
         run_dir: Optional[Path] = None
         if ckpt in CKPT_ALIASES:
             found = [base / f"version_{v}" for v in reversed(_versions(base))
@@ -223,6 +233,7 @@ class MMTuneCLI(LightningCLI):
             from mmtune.evaluation.retention import retention_callbacks
 
             extra = retention_callbacks(as_retention_spec(self._get(self.config_init, "retention")))
+            extra += fault_callbacks(self._fault_spec())  # NaN/inf guard, last.ckpt on SIGTERM
             if extra:
                 given = trainer_cfg.get("callbacks") or []
                 kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *extra]

@@ -19,3 +19,7 @@ class DataError(MMTuneError):
 
 class ModelError(MMTuneError):
     """A model that cannot be built or loaded (unknown name, no weights offline, wrong checkpoint)."""
+
+
+class TrainingError(MMTuneError):
+    """A fit that cannot go on: a non-finite loss or gradient (the message names the step and the samples)."""

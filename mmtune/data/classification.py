@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmtune.data.bad_rows import stop_or_skip, write_skipped
 from mmtune.data.images import HighBitPolicy, find_unreadable, load_image
 from mmtune.data.readers import ManifestColumns, read_image_labels
-from mmtune.data.samplers import EpochSampler, seed_everything_from
+from mmtune.data.samplers import EpochSampler, ResumableLoader, seed_everything_from
 from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
 from mmtune.data.transforms import AugmentSpec, build_transform
@@ -21,7 +21,8 @@ from mmtune.errors import DataError
 
 
 class ImageClassificationDataset(Dataset):
-    """Samples -> {"pixels", "target" (if labeled), "index"}; multi-label targets are multi-hot."""
+    """Samples -> {"pixels", "target" (if labeled), "index", "sample_id"}; multi-label targets are multi-hot.
+    `sample_id` (the row's origin, collated to a list per batch) names the samples of a batch in errors."""
 
     def __init__(self, samples: list[ImageLabel], transform, classes: Optional[list[str]], multi_label: bool,
                  channels: int, high_bit: HighBitPolicy, seed: int = 0) -> None:
@@ -43,7 +44,8 @@ class ImageClassificationDataset(Dataset):
         else:
             i = key
         sample = self.samples[i]
-        item = {"pixels": self.transform(load_image(sample.path, self.channels, self.high_bit)), "index": i}
+        item = {"pixels": self.transform(load_image(sample.path, self.channels, self.high_bit)), "index": i,
+                "sample_id": sample.origin or sample.path}
         if self.index is not None:
             if self.multi_label:
                 target = torch.zeros(len(self.index))
@@ -221,8 +223,9 @@ class ImageClassificationData(L.LightningDataModule):
                                           self.data_config["input_size"][0], self.high_bit, self.seed)
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+        loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch
+        return loader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def _sample_weights(self, samples: list[ImageLabel]) -> list[float]:
         counts = Counter(c for s in samples for c in s.labels)

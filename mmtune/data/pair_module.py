@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmtune.data.bad_rows import stop_or_skip, write_skipped
-from mmtune.data.samplers import EpochSampler
+from mmtune.data.samplers import EpochSampler, ResumableLoader
 from mmtune.data.splits import SPLIT_NAMES, place_in_splits
 from mmtune.errors import DataError
 
@@ -91,9 +91,10 @@ class ContrastivePairData(L.LightningDataModule):
         rows = self.splits.get(split) or []
         if not rows:
             raise DataError(f"the {split} split is empty (source: {self.path}); add pairs or adjust data.split")
-        return DataLoader(self.dataset(split, rows), batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=self.collate(split),
-                          pin_memory=torch.cuda.is_available(), **kwargs)
+        loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch
+        return loader(self.dataset(split, rows), batch_size=batch_size, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, collate_fn=self.collate(split),
+                      pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSampler.for_this_process(len(self.splits.get("train") or []), self.seed)

@@ -123,7 +123,7 @@ def read_pairs(source: str, image_column: str = "image", text_column: str = "tex
 
 
 class PairDataset(Dataset):
-    """Pairs -> {"pixels", "text", "image_key", "text_key", "index"[, "label"]}; texts are tokenized
+    """Pairs -> {"pixels", "text", "image_key", "text_key", "index", "sample_id"[, "label"]}; texts are tokenized
     per batch in the collate (padding to the longest text of the batch).
 
     Training keys are (epoch, index) from `EpochSampler`: each sample's augmentation is seeded by
@@ -145,7 +145,7 @@ class PairDataset(Dataset):
         p = self.pairs[i]
         return {"pixels": self.transform(load_image(p.path, self.channels)), "text": p.text, "index": i,
                 "image_key": stable_key(str(Path(p.path).resolve())), "text_key": stable_key(normalize_text(p.text)),
-                "label": p.label}
+                "label": p.label, "sample_id": p.origin or p.path}
 
 
 class PairCollate:
@@ -159,7 +159,7 @@ class PairCollate:
                  "index": torch.tensor([it["index"] for it in items]),
                  "image_key": torch.tensor([it["image_key"] for it in items], dtype=torch.long),
                  "text_key": torch.tensor([it["text_key"] for it in items], dtype=torch.long),
-                 "labels": [it["label"] for it in items]}
+                 "labels": [it["label"] for it in items], "sample_id": [it["sample_id"] for it in items]}
         batch.update(self.tokenize([it["text"] for it in items]))
         return batch
 

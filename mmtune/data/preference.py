@@ -72,7 +72,9 @@ class PairCollator:
         self.inner = Collator(pad_id)
 
     def __call__(self, items: list[list[Tokenized]]) -> dict[str, torch.Tensor]:
-        return self.inner([[pair[0]] for pair in items] + [[pair[1]] for pair in items])
+        batch = self.inner([[pair[0]] for pair in items] + [[pair[1]] for pair in items])
+        batch["sample_id"] = [pair[0].origin for pair in items]  # one id per pair, not per half
+        return batch
 
 
 class PreferenceData(TextData):

@@ -5,6 +5,8 @@ It yields `(epoch, index)` keys so the dataset can seed each sample's augmentati
 (seed, epoch, index): augmentations then do not depend on worker count, on process, or on how many
 random draws Lightning made before the epoch (which differs when a run resumes).
 
+`ResumableLoader` continues an interrupted epoch with the batches the uninterrupted run would have drawn.
+
 `stratified_sample` picks a fixed, seeded subset spread over strata (validation generation samples).
 """
 
@@ -15,7 +17,7 @@ from typing import Hashable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class EpochSampler(DistributedSampler):
@@ -39,6 +41,11 @@ class EpochSampler(DistributedSampler):
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=False)
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+        self._skip: Optional[tuple[int, int]] = None  # (epoch, items) to leave out once, when resuming mid-epoch
+
+    def skip_once(self, epoch: int, items: int) -> None:
+        """The next pass over `epoch` leaves out its first `items` keys (already trained on before a resume)."""
+        self._skip = (epoch, items)
 
     @classmethod
     def for_this_process(cls, length: int, seed: int, weights: Optional[Sequence[float]] = None,
@@ -62,7 +69,56 @@ class EpochSampler(DistributedSampler):
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g).tolist()
             order = order[self.rank:self.total_size:self.num_replicas]
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1]:]
+        self._skip = None
         return iter([(self.epoch, i) for i in order])
+
+
+class ResumableLoader(DataLoader):
+    """A training loader over an `EpochSampler` that resumes mid-epoch exactly where it stopped.
+
+    Lightning saves the `state_dict()` of a loader that has one into checkpoints and gives it back
+    through `load_state_dict` before a resumed fit iterates; a plain DataLoader has none, so a fit
+    resumed from a mid-epoch checkpoint (one saved on SIGTERM, or by a validation inside the epoch)
+    would start the epoch's batches over. The state is (epoch, batches handed out in it): as the
+    sampler's order depends only on (seed, epoch), leaving out that many batches' keys continues with
+    the very batches the uninterrupted run drew next, without loading the skipped samples. Lightning
+    takes batches from a sized loader one at a time (no prefetch), so the count is what the loop used.
+
+    Iteration starts at the first batch asked for, after Lightning has set the sampler's epoch, so
+    worker processes never start on the previous epoch's order.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler):
+            raise TypeError("ResumableLoader needs an EpochSampler (its order must depend only on seed and epoch)")
+        self._position = (0, 0)  # (epoch, batches handed out in it)
+        self._resume: Optional[tuple[int, int]] = None
+
+    def __iter__(self) -> Iterator:
+        return self._batches()
+
+    def _batches(self) -> Iterator:
+        epoch, done = self.sampler.epoch, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            done = self._resume[1]
+            self.sampler.skip_once(epoch, done * self.batch_size)
+        self._resume = None
+        self._position = (epoch, done)
+        for batch in super().__iter__():
+            done += 1
+            self._position = (epoch, done)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._position[0], "batches": self._position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state.get("epoch", 0)), int(state.get("batches", 0))
+        # a checkpoint from the end of an epoch resumes at the next one, from its start
+        self._resume = (epoch, batches) if 0 < batches < len(self) else None
 
 
 def seed_everything_from(*parts: int, accelerators: bool = False) -> None:

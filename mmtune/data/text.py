@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from mmtune.data.samplers import EpochSampler
+from mmtune.data.samplers import EpochSampler, ResumableLoader
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
 from mmtune.data.text_batches import Collator, PromptCollator, PromptDataset, TokenDataset, pack
 from mmtune.data.text_reading import (READERS, ROLE_ALIASES, ROLES, Conversation, PlainText, Sample, TextFields,
@@ -208,8 +208,9 @@ class TextData(L.LightningDataModule):
         return TokenDataset([[x] for x in items])
 
     def _loader(self, dataset: Dataset, batch_size: int, collate, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch
+        return loader(dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
+                      persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._rows("train", self.packing)

@@ -87,7 +87,9 @@ class Collator:
             positions[r, at:] = torch.arange(width - at)
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
                  "num_tokens": attention.sum(), "row_ids": row_ids,
-                 "origins": [s.origin for s in samples], "meta": [s.meta for s in samples]}
+                 "origins": [s.origin for s in samples], "meta": [s.meta for s in samples],
+                 # where each sample came from (file and line), named by errors about the batch
+                 "sample_id": [s.origin for s in samples]}
         if not self.packed:
             batch["attention_mask"] = attention
         return batch

@@ -81,7 +81,7 @@ class QueryDocCollate:
         batch = {"index": torch.tensor([i for _, i in items]),
                  "query_key": torch.tensor([stable_key(normalize_text(r.query)) for r in rows], dtype=torch.long),
                  "text_key": torch.tensor([stable_key(normalize_text(r.positive)) for r in rows], dtype=torch.long),
-                 "labels": [None] * len(rows)}
+                 "labels": [None] * len(rows), "sample_id": [r.origin for r in rows]}
         batch.update(self.tokenize([r.positive for r in rows]))
         batch.update({f"query_{k}": v for k, v in self.tokenize([r.query for r in rows]).items()})
         if self.with_negatives:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmtune.data.bad_rows import write_skipped
 from mmtune.data.images import find_unreadable, load_image
-from mmtune.data.samplers import EpochSampler
+from mmtune.data.samplers import EpochSampler, ResumableLoader
 from mmtune.data.splits import SPLIT_NAMES, place_in_splits
 from mmtune.data.vl_encoding import Prepared
 from mmtune.data.vl_samples import VisualConversation, VisualFields, VisualFormat, read_visual_source
@@ -69,6 +69,7 @@ class VisualCollate:
         images = [r[2] for r in rows]
         batch = self.encoding.train_batch(items, images, self.max_length)
         batch["index"] = torch.tensor([r[0] for r in rows])
+        batch["sample_id"] = [r[1].sample.id for r in rows]  # named by errors about the batch
         if self.with_prompts:
             batch["prompt_inputs"] = dict(self.encoding.prompt_batch(items, images))
         return batch
@@ -219,9 +220,10 @@ class VisionTextData(L.LightningDataModule):
         return VisualDataset(items)
 
     def _loader(self, split: str, batch_size: int, with_prompts: bool, **kwargs) -> DataLoader:
-        return DataLoader(self._dataset(split), batch_size=batch_size, num_workers=self.num_workers,
-                          collate_fn=VisualCollate(self.encoding, self.max_length, with_prompts),
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch
+        return loader(self._dataset(split), batch_size=batch_size, num_workers=self.num_workers,
+                      collate_fn=VisualCollate(self.encoding, self.max_length, with_prompts),
+                      persistent_workers=self.num_workers > 0, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSampler.for_this_process(len(self.prepared.get("train") or []), self.seed)

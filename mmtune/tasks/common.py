@@ -16,8 +16,9 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from mmtune.adapters import trainable_state_dict
-from mmtune.callbacks import RunSummary, StepSeed
+from mmtune.callbacks import ResumeLoaderPosition, RunSummary, StepSeed
 from mmtune.errors import ModelError
+from mmtune.faults import NonFiniteGuard, PreemptionCheckpoint
 from mmtune.metrics.records import RecordSet, SampleRecord, write_records
 from mmtune.optim import build_optimizer, build_scheduler, param_groups
 from mmtune.registry import Registry
@@ -34,14 +35,21 @@ TASKS: Registry[type] = Registry("mmtune task")
 
 
 def standard_callbacks(monitor: MonitorSpec, trainer: Optional[L.Trainer] = None) -> list[Callback]:
-    """Best/last checkpoints and early stopping from the monitor spec, plus seeding and metrics.json.
+    """Best/last checkpoints and early stopping from the monitor spec, plus seeding, metrics.json, and
+    the fault handling of `mmtune.faults` (a stop at a NaN/inf loss or gradient, `last.ckpt` on
+    SIGTERM) with its defaults unless the trainer already has it (the CLI's `faults:` section).
 
     `last.ckpt` has its own callback: since Lightning 2.6 a `save_last=True` checkpoint is only
     rewritten when the top-k one is, so it would go stale whenever the metric stops improving.
     """
-    callbacks: list[Callback] = [StepSeed(), RunSummary()]
+    callbacks: list[Callback] = [StepSeed(), ResumeLoaderPosition(), RunSummary()]
     # Trainer(enable_checkpointing=False) leaves no ModelCheckpoint: honour it instead of adding ours.
     checkpointing = trainer is None or bool(trainer.checkpoint_callbacks)
+    given = trainer.callbacks if trainer is not None else []
+    if not any(isinstance(c, NonFiniteGuard) for c in given):
+        callbacks.append(NonFiniteGuard())
+    if monitor.save_last and checkpointing and not any(isinstance(c, PreemptionCheckpoint) for c in given):
+        callbacks.append(PreemptionCheckpoint())
     if monitor.save_best and checkpointing:
         callbacks.append(ModelCheckpoint(monitor=monitor.metric, mode=monitor.mode, save_top_k=1, filename="best",
                                          auto_insert_metric_name=False, enable_version_counter=False))
