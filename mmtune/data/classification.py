@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
@@ -17,6 +19,7 @@ from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
 from mmtune.data.transforms import AugmentSpec, build_transform
 from mmtune.errors import DataError
+from mmtune.files import write_text_atomic
 
 
 
@@ -146,6 +149,22 @@ class ImageClassificationData(L.LightningDataModule):
                 raise DataError("data.predict_path is not set: name the images to predict (a folder or manifest)")
             self.splits["predict"] = self._checked(read_image_labels(self.predict_path, self.columns, self.label_separator))
         write_skipped(self.trainer, self.skipped, "skipped_images.csv", "path")
+        self._write_stats()
+
+    def _write_stats(self) -> None:
+        """`data_stats.json` in the run directory: each split's size and class counts, and how many
+        images were skipped (the run report's data summary reads it)."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not log_dir or not self.splits:
+            return
+        stats = {"splits": {name: {"samples": len(rows)} for name, rows in self.splits.items()},
+                 "class_counts": {name: dict(sorted(Counter(c for s in rows for c in s.labels).items()))
+                                  for name, rows in self.splits.items() if name != "predict"},
+                 "skipped": len(self.skipped)}
+        write_text_atomic(Path(log_dir) / "data_stats.json", json.dumps(stats, indent=2))
 
     def _read_labeled(self) -> None:
         if not self.path:
