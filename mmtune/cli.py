@@ -1,5 +1,5 @@
 """The `mmtune` command: LightningCLI verbs (fit, validate, test, predict), `evaluate` (tuned against a
-baseline), `export` and `data align`.
+baseline), `export`, `report` (the run report) and `data align`.
 
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
@@ -11,6 +11,7 @@ data: loading one never runs code from it).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.faults import FaultSpec, fault_callbacks, slurm_requeued
 from mmtune.tasks.common import load_task, read_checkpoint
 
+log = logging.getLogger("mmtune")
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
 CKPT_ALIASES = {"last": "last.ckpt", "best": "best.ckpt"}
 
@@ -116,6 +118,7 @@ class MMTuneCLI(LightningCLI):
             print(f"[mmtune] tuned ({ckpt_path}) against baseline ({baseline}), {len(base_records)} test samples, "
                   f"paired bootstrap of {spec.bootstrap.resamples} resamples:")
             print(comparison_table(headline(result, limit=20), spec.bootstrap.confidence))
+        self._report()
 
     def _evaluation_spec(self) -> EvaluationSpec:
         from mmtune.evaluation.bootstrap import BootstrapSpec
@@ -158,6 +161,23 @@ class MMTuneCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._summarize("test")
+        self._report()
+
+    def _report(self) -> None:
+        """Writes the run report (`evaluation.report`, on by default) from rank 0, after the results.
+
+        A report failure is a warning, never an error: metrics.json and the records are already on
+        disk when it runs, and a plotting problem must not turn a finished test into a failed command
+        (`mmtune report RUN_DIR` writes it again from those files)."""
+        if not self.trainer.is_global_zero or not self._evaluation_spec().report:
+            return
+        from mmtune.evaluation.report import write_report
+
+        try:
+            print(f"[mmtune] report: {write_report(self.run_dir)}")
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("[mmtune] the run report was not written (%s: %s); the test results are in %s/metrics.json; "
+                        "retry with `mmtune report %s`", type(err).__name__, err, self.run_dir, self.run_dir)
 
     def _parse_ckpt_path(self) -> None:
         """Disables LightningCLI's merge of checkpoint hyperparameters into the config.
@@ -259,6 +279,23 @@ def _export(argv: list[str]) -> None:
     print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {card})")
 
 
+def _report(argv: list[str]) -> None:
+    """`mmtune report RUN_DIR`: (re)writes the run report from a run directory's files."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="mmtune report", description="Write report.html, the run report, from the files "
+                            "of a run directory (config, metrics, curves, test records, comparisons).")
+    parser.add_argument("run_dir", type=str, help="A run directory, e.g. runs/<name>/version_0")
+    args = parser.parse_args(argv)
+    from mmtune.evaluation.report import build_report
+
+    report = build_report(Path(args.run_dir))
+    path = report.write()
+    for line in report.missing:
+        print(f"[mmtune] not recorded for this run: {line}")
+    print(f"[mmtune] report: {path}")
+
+
 def _data(argv: list[str]) -> None:
     """`mmtune data <verb>`: data tools that run before training (today: `align`)."""
     if not argv or argv[0] != "align":
@@ -276,6 +313,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         if argv and argv[0] == "export":
             _export(argv[1:])
+            return
+        if argv and argv[0] == "report":
+            _report(argv[1:])
             return
         if argv and argv[0] == "data":
             _data(argv[1:])
