@@ -24,19 +24,24 @@ log = logging.getLogger("mmtune")
 
 REPORT_FILE = "report.html"
 
-# The sections in reading order: what was run, on what, how it trained, then how good it is.
-SECTIONS: tuple[Callable[[RunData], Section], ...] = (
-    summary.config_section, summary.data_section, summary.training_section, results.test_section,
-    results.comparison_section, classification.confusion_section, classification.ranking_section,
-    classification.calibration_section, results.subgroups_section, results.retention_section,
-    classification.errors_section, examples.samples_section, examples.retrieval_section,
+# The sections in reading order: the verdict first (how good is it, against what, for whom, at what
+# cost to what it knew), then the evidence behind it, then how it was trained, on what, with what settings.
+SECTIONS: tuple[tuple[str, str, Callable[[RunData], Section]], ...] = (
+    ("test", "Test results", results.test_section),
+    ("comparison", "Tuned against baseline", results.comparison_section),
+    ("subgroups", "Subgroups", results.subgroups_section),
+    ("retention", "Retention (forgetting checks)", results.retention_section),
+    ("confusion", "Confusion matrix", classification.confusion_section),
+    ("curves", "ROC and precision-recall", classification.ranking_section),
+    ("calibration", "Calibration", classification.calibration_section),
+    ("errors", "Worst errors", classification.errors_section),
+    ("samples", "Sample outputs", examples.samples_section),
+    ("retrieval", "Retrieval examples", examples.retrieval_section),
+    ("training", "Training", summary.training_section),
+    ("data", "Data", summary.data_section),
+    ("config", "Configuration", summary.config_section),
 )
-SECTION_IDS = ("config", "data", "training", "test", "comparison", "confusion", "curves", "calibration",
-               "subgroups", "retention", "errors", "samples", "retrieval")
-_TITLES = dict(zip(SECTION_IDS, ("Configuration", "Data", "Training", "Test results", "Tuned against baseline",
-                                 "Confusion matrix", "ROC and precision-recall", "Calibration", "Subgroups",
-                                 "Retention (forgetting checks)", "Worst errors", "Sample outputs",
-                                 "Retrieval examples")))
+SECTION_IDS = tuple(sid for sid, _, _ in SECTIONS)
 
 
 @dataclass
@@ -56,12 +61,12 @@ class Report:
         return write_text_atomic(self.path, self.html)
 
 
-def _section(build: Callable[[RunData], Section], run: RunData, section_id: str) -> Section:
+def _section(section_id: str, title: str, build: Callable[[RunData], Section], run: RunData) -> Section:
     try:
         return build(run)
     except Exception as err:  # noqa: BLE001 - one malformed entry must not take the other sections down
         log.warning("[mmtune] report: the %s section could not be drawn: %s: %s", section_id, type(err).__name__, err)
-        return Section(section_id, _TITLES[section_id],
+        return Section(section_id, title,
                        missing=f"the {section_id} section could not be drawn from this run's files "
                                f"({type(err).__name__}: {err})"[:400])
 
@@ -73,7 +78,7 @@ def build_report(run_dir: Path) -> Report:
         ConfigError: `run_dir` is not a run directory.
     """
     run = collect(Path(run_dir))
-    sections = [_section(build, run, sid) for build, sid in zip(SECTIONS, SECTION_IDS)]
+    sections = [_section(sid, title, build, run) for sid, title, build in SECTIONS]
     head = summary.header(run)
     if run.problems:
         head += note("Some files could not be read: " + "; ".join(run.problems), "warn")

@@ -20,13 +20,14 @@ from mmtune.metrics.ranking import class_log_odds, weighted_auroc, weighted_aver
 GALLERY = 12  # worst errors shown
 
 
-def _not_classification(run: RunData, what: str) -> Optional[str]:
-    """Why a classification section has nothing to show, or None when it has records to show."""
+def _unavailable(section: Section, run: RunData, what: str) -> bool:
+    """Marks a classification section that has no records to show (missing) or another task's
+    records (not applicable); True when it has nothing to draw."""
     if run.records is None:
-        return f"{what} (no test records: run `mmtune test`)"
-    if run.kind != "classification":
-        return f"{what}: these are {run.kind} records, not a classifier's"
-    return None
+        section.missing = f"{what} (no test records: run `mmtune test`)"
+    elif run.kind != "classification":
+        section.not_applicable = f"{what} are drawn for classifiers; these are {run.kind} records"
+    return section.absent
 
 
 def _where(run: RunData) -> str:
@@ -38,7 +39,8 @@ def confusion_section(run: RunData) -> Section:
     section = Section("confusion", "Confusion matrix")
     m = run.confusion
     if m is None:
-        section.missing = _not_classification(run, "a confusion matrix") or "a confusion matrix"
+        if not _unavailable(section, run, "confusion matrices"):
+            section.missing = "a confusion matrix"
         return section
     multi = m.columns == ["tn", "fp", "fn", "tp"]
     corner = "label" if multi else "true \\ predicted"
@@ -54,9 +56,7 @@ def confusion_section(run: RunData) -> Section:
 
 def ranking_section(run: RunData) -> Section:
     section = Section("curves", "ROC and precision-recall")
-    why = _not_classification(run, "ROC and precision-recall curves")
-    if why:
-        section.missing = why
+    if _unavailable(section, run, "ROC and precision-recall curves"):
         return section
     a = classification_arrays(run.records)
     classes = list(run.records.info["classes"])
@@ -102,7 +102,8 @@ def calibration_section(run: RunData) -> Section:
             after = reliability_bins(probabilities(a["logits"], multi, t), a["target"], multi)
             panels.append((f"after temperature {t:.3g}", after, _ece(after)))
     if not panels:
-        section.missing = _not_classification(run, "a reliability diagram") or "a reliability diagram"
+        if not _unavailable(section, run, "reliability diagrams"):
+            section.missing = "a reliability diagram"
         return section
     parts = []
     if entry:
@@ -165,9 +166,7 @@ def thumbnail_html(meta: dict, run_dir: Path, missing: list[str], css: str = "")
 
 def errors_section(run: RunData) -> Section:
     section = Section("errors", "Worst errors")
-    why = _not_classification(run, "a gallery of errors")
-    if why:
-        section.missing = why
+    if _unavailable(section, run, "galleries of errors"):
         return section
     records = run.records
     a = classification_arrays(records)

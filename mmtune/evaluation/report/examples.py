@@ -46,7 +46,7 @@ def samples_section(run: RunData) -> Section:
         section.missing = "sample outputs (no test records: run `mmtune test`)"
         return section
     if run.kind not in TEXT_KINDS:
-        section.missing = f"sample generations: these are {run.kind} records (generations are shown for text tasks)"
+        section.not_applicable = f"sample outputs are shown for text tasks; these are {run.kind} records"
         return section
     build = {"generation": _generations, "language_model": _hardest_texts, "preference": _preference_pairs}[run.kind]
     section.body = build(run)
@@ -136,7 +136,7 @@ def retrieval_section(run: RunData) -> Section:
         section.missing = "retrieval examples (no test records: run `mmtune test`)"
         return section
     if run.kind != "retrieval":
-        section.missing = f"retrieval examples: these are {run.kind} records, not an aligner's queries"
+        section.not_applicable = f"retrieval examples are shown for aligners; these are {run.kind} records"
         return section
     by_direction: dict[str, list[SampleRecord]] = {}
     for r in run.records.records:

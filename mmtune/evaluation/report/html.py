@@ -21,12 +21,18 @@ TONES = {"better": "good", "ok": "good", "worse": "bad", "fail": "bad", "warn": 
 @dataclass
 class Section:
     """One section of the report: its anchor, title, body, and whether its data was recorded
-    (`missing`: why not, shown in a note and in the table of contents)."""
+    (`missing`: why not) or the section does not apply to this kind of run (`not_applicable`: why);
+    either is shown in a note, and greyed in the table of contents."""
 
     id: str
     title: str
     body: str = ""
     missing: Optional[str] = None
+    not_applicable: Optional[str] = None
+
+    @property
+    def absent(self) -> bool:
+        return bool(self.missing or self.not_applicable)
 
 
 def esc(value: Any) -> str:
@@ -123,7 +129,7 @@ STYLE = """
 *{box-sizing:border-box}
 body{margin:0;background:var(--bg);color:var(--ink);font:15px/1.55 -apple-system,BlinkMacSystemFont,"Segoe UI",
 Roboto,"Helvetica Neue",Arial,"Noto Sans",sans-serif}
-main{max-width:1120px;margin:0 auto;padding:28px 28px 64px}
+main{max-width:1200px;margin:0 auto;padding:28px 28px 64px}
 header.top{background:linear-gradient(135deg,#1e3a8a,#2563eb);color:#fff;border-radius:14px;padding:24px 28px;
 margin-bottom:20px}
 header.top h1{margin:0 0 4px;font-size:26px;letter-spacing:-.01em}
@@ -131,6 +137,15 @@ header.top .sub{opacity:.85;font-size:14px}
 header.top .headline{margin-top:14px;font-size:18px;font-weight:600}
 header.top .chips{margin-top:10px;display:flex;flex-wrap:wrap;gap:8px}
 header.top .chip{background:rgba(255,255,255,.16);border-radius:999px;padding:3px 12px;font-size:13px}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(200px,1fr));gap:12px;margin-top:16px}
+.tile{background:rgba(255,255,255,.12);border:1px solid rgba(255,255,255,.22);border-radius:10px;padding:10px 14px}
+.tile .name{font-size:13px;opacity:.85}
+.tile .value{font-size:28px;font-weight:700;font-variant-numeric:tabular-nums;line-height:1.2}
+.tile .ci{font-size:12.5px;opacity:.85;font-variant-numeric:tabular-nums}
+.tile .delta{margin-top:6px;font-size:12.5px;font-weight:600;border-radius:999px;padding:1px 8px;display:inline-block}
+.tile .delta.good{background:#d3f5df;color:#0b5d2c}
+.tile .delta.bad{background:#fde0dc;color:#8f1c12}
+.tile .delta.neutral{background:rgba(255,255,255,.85);color:#344054}
 nav.toc{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:14px 20px;margin-bottom:20px}
 nav.toc ol{margin:6px 0 0;padding:0;list-style:none;columns:3;column-gap:24px}
 nav.toc li{padding:2px 0;break-inside:avoid}
@@ -167,6 +182,9 @@ dl.facts dd{margin:0;font-variant-numeric:tabular-nums;word-break:break-word}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:4px 32px}
 .cards h3{margin-top:8px}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:24px}
+.side{display:flex;flex-wrap:wrap;gap:0 40px;align-items:flex-start}
+.side>div{flex:0 0 auto;max-width:100%}
+.side table{min-width:0}
 figure{margin:8px 0 12px}
 figure img{max-width:100%;height:auto;display:block;border-radius:6px}
 figcaption{color:var(--muted);font-size:13px;margin-top:4px}
@@ -189,14 +207,16 @@ footer{color:var(--muted);font-size:13px;text-align:center;margin-top:24px}
 
 def page(title: str, header: str, sections: Sequence[Section], footer: str) -> str:
     """The whole document: header, table of contents (sections without data greyed), sections."""
-    toc = "".join(f'<li class="{"absent" if s.missing else "present"}"><span class="dot"></span>'
+    toc = "".join(f'<li class="{"absent" if s.absent else "present"}"><span class="dot"></span>'
                   f'<a href="#{esc(s.id)}">{esc(s.title)}</a></li>' for s in sections)
     parts = []
     for s in sections:
         body = s.body if s.body else ""
         if s.missing:
             body = note(f"Not recorded for this run: {s.missing}") + body
-        parts.append(f'<section id="{esc(s.id)}" class="{"absent" if s.missing else "present"}">'
+        elif s.not_applicable:
+            body = note(f"Does not apply to this run: {s.not_applicable}") + body
+        parts.append(f'<section id="{esc(s.id)}" class="{"absent" if s.absent else "present"}">'
                      f"<h2>{esc(s.title)}</h2>{body}</section>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

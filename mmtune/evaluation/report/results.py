@@ -44,13 +44,15 @@ def test_section(run: RunData) -> Section:
     if intervals:
         rows = [[name, fmt(iv.get("value")), fmt(iv.get("ci_low")), fmt(iv.get("ci_high"))]
                 for name, iv in overall(intervals).items()]
-        parts.append(table(["metric", "value", f"{conf:.0%} CI low", f"{conf:.0%} CI high"], rows, numeric=[1, 2, 3]))
+        main = "<h3>Overall</h3>" + table(["metric", "value", f"{conf:.0%} CI low", f"{conf:.0%} CI high"], rows,
+                                          numeric=[1, 2, 3])
         metrics, classes = _per_class(intervals)
         if classes:
             header = ["class", *metrics]
             body = [[c, *(_value_ci(intervals.get(f"{m}/{c}")) for m in metrics)] for c in classes]
-            parts.append(f"<h3>Per class ({conf:.0%} CI in brackets)</h3>"
-                         + table(header, body, numeric=range(1, len(header))))
+            main = (f'<div class="side"><div>{main}</div><div><h3>Per class ({conf:.0%} CI in brackets)</h3>'
+                    f"{table(header, body, numeric=range(1, len(header)))}</div></div>")
+        parts.append(main)
     else:
         metrics = {k.removeprefix("test/"): v for k, v in (test.get("metrics") or {}).items()}
         parts.append(note("No bootstrap intervals were recorded (fewer than two test samples, or a run from before "
@@ -76,7 +78,8 @@ def comparison_section(run: RunData) -> Section:
     entry = run.comparison or {}
     comparison = entry.get("comparison") or {}
     if not comparison:
-        section.missing = "a baseline comparison (run `mmtune evaluate --ckpt_path best --baseline base` or another checkpoint)"
+        section.missing = ("a baseline comparison (run `mmtune evaluate --ckpt_path best --baseline B`, B: another "
+                           "checkpoint, an export, or `base` for LLMs, VLMs and CLIP)")
         return section
     conf = _conf(entry)
     bootstrap = entry.get("bootstrap") or {}
@@ -169,8 +172,8 @@ def _group_plot(groups: list[dict], name: str, intervals: dict) -> str:
         rows.append((f"{g.get('group')} (n={g.get('size')})", iv.get("value"), iv.get("ci_low"), iv.get("ci_high"),
                      "warn" if g.get("small") else ""))
     whole = (intervals.get(name) or {}).get("value")
-    return figure(plots.dots(rows, f"{name} by group (orange: small group)", whole, "whole test set"),
-                  f"{name} by group")
+    return figure(plots.dots(rows, f"{name} by group, with bootstrap intervals (dashed: the whole test set; orange: "
+                                   "a small group)", whole), f"{name} by group")
 
 
 def retention_section(run: RunData) -> Section:

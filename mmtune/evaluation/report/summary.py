@@ -42,7 +42,7 @@ def headline(run: RunData) -> str:
     if comparison:
         rows = overall(comparison)
         verdicts = Counter(c.get("verdict") for c in rows.values())
-        text = f"tuned beats baseline ({(run.comparison or {}).get('baseline')}) on {verdicts['better']} of {len(rows)} metrics"
+        text = f"tuned beats baseline ({_short_path((run.comparison or {}).get('baseline'))}) on {verdicts['better']} of {len(rows)} metrics"
         if verdicts["worse"]:
             text += f", worse on {verdicts['worse']}"
         parts.append(text)
@@ -67,6 +67,14 @@ def headline(run: RunData) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def _short_path(name: Any) -> str:
+    """A checkpoint inside a run directory as `<run>/version_N/best.ckpt`; other names as they are."""
+    path = Path(str(name))
+    if path.parent.name == "checkpoints" and len(path.parts) >= 4:
+        return f"{path.parent.parent.parent.name}/{path.parent.parent.name}/{path.name}"
+    return str(name)
+
+
 def header(run: RunData) -> str:
     model = _init(_init((run.config or {}).get("model")).get("model"))
     checkpoint = run.test.get("ckpt_path") or (run.records.info.get("ckpt_path") if run.records else None) \
@@ -76,9 +84,28 @@ def header(run: RunData) -> str:
              ("model", model.get("name")), ("checkpoint", Path(checkpoint).name if checkpoint else None),
              ("run finished", stamp)]
     chip_html = "".join(f'<span class="chip">{esc(k)}: {esc(v)}</span>' for k, v in chips if v)
-    return (f'<header class="top"><h1>{esc(run.name)}</h1><div class="sub">{esc(run.run_dir)}'
-            f"{' · checkpoint ' + esc(checkpoint) if checkpoint else ''}</div>"
-            f'<div class="headline">{esc(headline(run))}</div><div class="chips">{chip_html}</div></header>')
+    return (f'<header class="top"><h1>{esc(run.name)}</h1><div class="sub">{esc(run.run_dir)}</div>'
+            f'<div class="headline">{esc(headline(run))}</div><div class="chips">{chip_html}</div>'
+            f"{_tiles(run)}</header>")
+
+
+def _tiles(run: RunData, limit: int = 4) -> str:
+    """The headline metrics as tiles: value, interval and, after `evaluate`, the change against the
+    baseline coloured by its verdict."""
+    intervals = overall(run.test.get("intervals") or {})
+    comparison = (run.comparison or {}).get("comparison") or {}
+    conf = (run.test.get("bootstrap") or {}).get("confidence", 0.95)
+    tiles = []
+    for name, iv in list(intervals.items())[:limit]:
+        c = comparison.get(name) or {}
+        change = ""
+        if c.get("difference") is not None:
+            tone = {"better": "good", "worse": "bad"}.get(c.get("verdict"), "neutral")
+            change = (f'<div class="delta {tone}">{c["difference"]:+.3f} vs baseline · {esc(c.get("verdict"))}</div>')
+        ci = (f"{fmt(iv.get('ci_low'), 3)}–{fmt(iv.get('ci_high'), 3)}" if iv.get("ci_low") is not None else "no interval")
+        tiles.append(f'<div class="tile"><div class="name">{esc(name)}</div><div class="value">{fmt(iv.get("value"), 3)}'
+                     f'</div><div class="ci">{conf:.0%} CI {ci}</div>{change}</div>')
+    return f'<div class="tiles">{"".join(tiles)}</div>' if tiles else ""
 
 
 def _finished(run_dir: Path) -> Optional[str]:
