@@ -146,6 +146,23 @@ def test_report_refuses_a_folder_that_is_not_a_run_and_survives_a_damaged_file(t
     assert _parse(report.html).sections["training"] == "present"  # the curves are still there
 
 
+def test_a_failing_report_is_a_warning_and_keeps_the_test_results(classifier_run, tmp_path, monkeypatch, caplog):
+    import mmtune.evaluation.report as report
+
+    run = tmp_path / "runs" / "rep" / "version_0"
+    shutil.copytree(classifier_run["fit_only"], run, ignore=shutil.ignore_patterns("report.html"))
+
+    def broken(run_dir):
+        raise RuntimeError("no fonts on this machine")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    run_cli("test", "--config", classifier_run["config"], "--runs_dir", tmp_path / "runs", "--ckpt_path",
+            run / "checkpoints" / "best.ckpt", "--evaluation.bootstrap.resamples", "20")
+    assert "the run report was not written (RuntimeError: no fonts on this machine)" in caplog.text
+    assert json.loads((run / "metrics.json").read_text())["test"]["intervals"]["accuracy"]["value"] is not None
+    assert not (run / "report.html").exists()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium_without_broken_images(classifier_run, tmp_path):
     report = classifier_run["run"] / "report.html"
