@@ -257,7 +257,7 @@ def training_section(run: RunData) -> Section:
     keys = list(dict.fromkeys(k for row in run.curves for k in row if k not in ("epoch", "step")))
     losses = [k for k in keys if k.endswith("/loss") or (k.startswith("train/") and "/" not in k[6:])]
     # A loss of a single term logs it twice (train/ce and train/loss): draw it once.
-    losses = [k for k in losses if k == "train/loss" or plots_series(run.curves, k) != plots_series(run.curves, "train/loss")]
+    losses = [k for k in losses if k == "train/loss" or _points(run.curves, k) != _points(run.curves, "train/loss")]
     scores = [k for k in keys if k.startswith("val/") and "/" not in k[4:] and k not in losses
               and not k.endswith(("perplexity", "temperature"))][:8]
     if losses or scores:
@@ -281,7 +281,7 @@ def training_section(run: RunData) -> Section:
     return section
 
 
-def plots_series(curves: list[dict], key: str) -> list[tuple]:
+def _points(curves: list[dict], key: str) -> list[tuple]:
     return [(row.get("step"), row[key]) for row in curves if key in row]
 
 
