@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -105,3 +106,14 @@ def only_version(runs: Path, name: str) -> Path:
     versions = sorted((runs / name).glob("version_*"))
     assert len(versions) == 1, versions
     return versions[0]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one torch thread ran the text tests 4x faster than two
+    (the threads of a 64-wide matmul mostly wait for each other when other processes hold the cores).
+    Text test modules use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

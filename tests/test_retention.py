@@ -22,12 +22,7 @@ from mmtune.evaluation.retention.table import checked_metrics, retention_rows
 FAST = {"num_sanity_val_steps": 0, "limit_val_batches": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from mmtune.losses.tokens import token_loss
 from mmtune.tasks.sft import CausalLMTask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread ran these tests 4x faster than two
-    (the threads of a 64-wide matmul mostly wait for each other when other processes hold the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="session")
