@@ -1,31 +1,68 @@
 """mmtune: fine-tune image classifiers, vision-language models, image-text aligners and LLMs with one tool.
 
 The Python API is the objects the CLI builds from YAML: a task (LightningModule) and a data module.
+
+The names below are imported on first use (PEP 562 `__getattr__`), so `import mmtune` and
+`mmtune --help` do not pay for torch, Lightning and transformers before anything needs them.
+`from mmtune import ImageClassificationTask` works as before.
 """
 
-from mmtune.adapters import apply_adapter
-from mmtune.data.classification import ImageClassificationData
-from mmtune.data.pairs import ImageTextPairData
-from mmtune.data.preference import PreferenceData
-from mmtune.data.text import TextData, TextFields, TextSource
-from mmtune.data.text_pairs import QueryDocData
-from mmtune.data.transforms import AugmentSpec
-from mmtune.data.vl_data import VisionTextData
-from mmtune.data.vl_samples import VisualFields
-from mmtune.errors import ConfigError, DataError, MMTuneError, ModelError
-from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec
-from mmtune.tasks.alignment import ImageTextAlignmentTask
-from mmtune.tasks.classification import ImageClassificationTask
-from mmtune.tasks.dpo import DPOTask, PreferenceSpec
-from mmtune.tasks.sft import CausalLMTask, GenerationSpec
-from mmtune.tasks.vlm import DecodingSpec, VisionLanguageTask
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterSpec", "AugmentSpec", "CausalLMTask", "ConfigError", "DPOTask", "DataError", "GenerationSpec",
-    "ImageClassificationData", "ImageClassificationTask", "ImageTextAlignmentTask", "ImageTextPairData",
-    "MMTuneError", "ModelError", "ModelSpec", "MonitorSpec", "OptimizerSpec", "PreferenceData", "PreferenceSpec",
-    "QueryDocData", "TextData", "TextFields", "TextSource", "apply_adapter", "DecodingSpec", "VisionLanguageTask",
-    "VisionTextData", "VisualFields",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "apply_adapter": "mmtune.adapters",
+    "ImageClassificationData": "mmtune.data.classification",
+    "ImageTextPairData": "mmtune.data.pairs",
+    "PreferenceData": "mmtune.data.preference",
+    "TextData": "mmtune.data.text",
+    "TextFields": "mmtune.data.text",
+    "TextSource": "mmtune.data.text",
+    "QueryDocData": "mmtune.data.text_pairs",
+    "AugmentSpec": "mmtune.data.transforms",
+    "VisionTextData": "mmtune.data.vl_data",
+    "VisualFields": "mmtune.data.vl_samples",
+    "ConfigError": "mmtune.errors",
+    "DataError": "mmtune.errors",
+    "MMTuneError": "mmtune.errors",
+    "ModelError": "mmtune.errors",
+    "AdapterSpec": "mmtune.specs",
+    "ModelSpec": "mmtune.specs",
+    "MonitorSpec": "mmtune.specs",
+    "OptimizerSpec": "mmtune.specs",
+    "ImageTextAlignmentTask": "mmtune.tasks.alignment",
+    "ImageClassificationTask": "mmtune.tasks.classification",
+    "DPOTask": "mmtune.tasks.dpo",
+    "PreferenceSpec": "mmtune.tasks.dpo",
+    "CausalLMTask": "mmtune.tasks.sft",
+    "GenerationSpec": "mmtune.tasks.sft",
+    "DecodingSpec": "mmtune.tasks.vlm",
+    "VisionLanguageTask": "mmtune.tasks.vlm",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmtune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+def import_public_api() -> None:
+    """Imports every public task and data class, so that Lightning's short `class_path` names
+    (`class_path: ImageClassificationTask`) resolve and every task is in the task registry."""
+    for name in _PUBLIC:
+        __getattr__(name)

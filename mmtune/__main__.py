@@ -1,3 +1,3 @@
-from mmtune.cli import main
+from mmtune.entry import main
 
 main()

@@ -1,5 +1,5 @@
-"""The `mmtune` command: LightningCLI verbs (fit, validate, test, predict), `evaluate` (tuned against a
-baseline), `export`, `report` (the run report) and `data align`.
+"""The Lightning verbs of `mmtune` (fit, validate, test, predict) and `evaluate` (tuned against a
+baseline), behind the light dispatcher `mmtune.entry` (which also runs `export`, `report`, `data align`).
 
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +21,16 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-import mmtune  # noqa: F401  (registers the task and data classes for short class_path names)
-from mmtune.errors import ConfigError, MMTuneError
+import mmtune
+from mmtune.errors import ConfigError
 from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.faults import FaultSpec, fault_callbacks, slurm_requeued
-from mmtune.tasks.common import load_task, read_checkpoint
+from mmtune.tasks.common import read_checkpoint
 
 log = logging.getLogger("mmtune")
+mmtune.import_public_api()  # Lightning's short class_path names and the task registry need every class
+
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
 CKPT_ALIASES = {"last": "last.ckpt", "best": "best.ckpt"}
 
@@ -260,89 +261,22 @@ class MMTuneCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def _export(argv: list[str]) -> None:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="mmtune export", description="Merge adapters and write the model's native format.")
-    parser.add_argument("--ckpt_path", type=str, required=True, help="An mmtune checkpoint (.ckpt)")
-    parser.add_argument("--out", type=str, required=True, help="Output directory")
-    parser.add_argument("--trust_remote_code", type=bool, default=False,
-                        help="Allow a checkpoint whose model sets trust_remote_code: true (runs code from the model "
-                             "folder or hub; only for checkpoints and models you trust)")
-    args = parser.parse_args(argv)
-    task = load_task(args.ckpt_path, trust_remote_code=args.trust_remote_code)
-    out = task.export(args.out)
-    from mmtune.evaluation.model_card import write_model_card
-
-    ckpt = Path(args.ckpt_path)
-    card = write_model_card(out, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
-    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {card})")
-
-
-def _report(argv: list[str]) -> None:
-    """`mmtune report RUN_DIR`: (re)writes the run report from a run directory's files."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="mmtune report", description="Write report.html, the run report, from the files "
-                            "of a run directory (config, metrics, curves, test records, comparisons).")
-    parser.add_argument("run_dir", type=str, help="A run directory, e.g. runs/<name>/version_0")
-    args = parser.parse_args(argv)
-    from mmtune.evaluation.report import build_report
-
-    report = build_report(Path(args.run_dir))
-    path = report.write()
-    for line in report.missing:
-        print(f"[mmtune] not recorded for this run: {line}")
-    print(f"[mmtune] report: {path}")
-
-
-def _data(argv: list[str]) -> None:
-    """`mmtune data <verb>`: data tools that run before training (today: `align`)."""
-    if not argv or argv[0] != "align":
-        raise ConfigError(f"mmtune data: unknown command {argv[0] if argv else ''!r}; known: align "
-                          "(mmtune data align --help)")
-    from mmtune.data.align.cli import run
-
-    run(argv[1:])
+def run_lightning(argv: Optional[list[str]] = None) -> None:
+    """The Lightning verbs (fit, validate, test, predict, evaluate) through `MMTuneCLI`; `argv=None`
+    reads the shell's arguments. `mmtune.entry.main` dispatches here and prints mmtune's errors."""
+    MMTuneCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        seed_everything_default=42, auto_configure_optimizers=False, args=argv,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of the `mmtune` console script."""
-    from_shell = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "export":
-            _export(argv[1:])
-            return
-        if argv and argv[0] == "report":
-            _report(argv[1:])
-            return
-        if argv and argv[0] == "data":
-            _data(argv[1:])
-            return
-        MMTuneCLI(
-            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            seed_everything_default=42, auto_configure_optimizers=False, args=None if from_shell else argv,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
-        )
-    except Exception as err:  # noqa: BLE001
-        user_error = _user_error(err)
-        if user_error is None:
-            raise
-        print(f"mmtune: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
+    """Every verb, as the `mmtune` command (kept here for `from mmtune.cli import main`)."""
+    from mmtune.entry import main as entry_main
 
-
-def _user_error(err: BaseException) -> Optional[MMTuneError]:
-    """The MMTuneError behind `err`, if any (jsonargparse wraps errors raised while instantiating)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, MMTuneError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    entry_main(argv)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,9 @@ def task_class(checkpoint: dict, path: str) -> type:
     Raises:
         ModelError: no name, or a name that is not one of the registered tasks.
     """
+    import mmtune
+
+    mmtune.import_public_api()  # every built-in task registers itself when its module is imported
     name = checkpoint.get("mmtune_task")
     if not name:
         raise ModelError(f"{path} was not written by an mmtune task (no 'mmtune_task' entry)")
