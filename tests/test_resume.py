@@ -16,11 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from conftest import only_version, run_cli, write_config
+from mmtune import MonitorSpec
+from mmtune.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -236,3 +240,36 @@ def test_classification_under_two_process_ddp_resumes_mid_epoch_exactly(tmp_path
     _mmtune([*base, "--config", config, "--ckpt_path", "last"], expect=0)
     assert only_version(runs, "resumed") == run
     assert_same_end(run, only_version(runs, "straight"), last_epoch=2)
+
+
+# ---- when last.ckpt is written --------------------------------------------------------------------------
+class RecordSaves(Callback):
+    """(global step, training batches completed in the epoch) of every checkpoint the trainer writes: a save
+    in `on_train_batch_end` comes before its batch counts as completed."""
+
+    def __init__(self) -> None:
+        self.saves: list[tuple[int, int]] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saves.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.completed))
+
+
+def test_step_saves_skip_the_step_a_validation_follows_and_the_middle_of_accumulation(tmp_path, tiny_models, color_set):
+    from mmtune import ImageClassificationData, ImageClassificationTask, ModelSpec
+
+    task = ImageClassificationTask(model=ModelSpec(name=str(tiny_models["vit"])),
+                                   monitor=MonitorSpec(early_stopping=False, save_best=False, save_last_every_n_steps=1))
+    record = RecordSaves()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, callbacks=[record],
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                        num_sanity_val_steps=0)
+    trainer.fit(task, ImageClassificationData(path=str(color_set), batch_size=4, num_workers=0))
+    assert trainer.num_training_batches == 8 and trainer.global_step == 4  # 32 training images
+    # steps 1-3 at the end of their second batch (never after the first); step 4, the epoch's last, only by the
+    # validation after it (a step save there would make Lightning skip the validation's save of the same step)
+    assert record.saves == [(1, 1), (2, 3), (3, 5), (4, 8)]
+
+
+def test_save_last_every_n_steps_must_not_be_negative():
+    with pytest.raises(ConfigError, match="monitor.save_last_every_n_steps must be 0 or more, got -1"):
+        MonitorSpec(save_last_every_n_steps=-1)
