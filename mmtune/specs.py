@@ -145,6 +145,9 @@ class MonitorSpec:
         patience: validations without improvement before stopping.
         save_best: keep the best checkpoint as `checkpoints/best.ckpt` in the run directory.
         save_last: keep `checkpoints/last.ckpt` to resume a killed run with `--ckpt_path last`.
+        save_last_every_n_steps: also rewrite `last.ckpt` every this many optimizer steps inside an
+            epoch (0: only at validations), so a run killed without warning (OOM killer, SIGKILL, a
+            lost node) loses at most this many steps; the resume continues mid-epoch exactly.
     """
 
     metric: str = "val/loss"
@@ -153,6 +156,11 @@ class MonitorSpec:
     patience: int = 5
     save_best: bool = True
     save_last: bool = True
+    save_last_every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.save_last_every_n_steps < 0:
+            raise ConfigError(f"monitor.save_last_every_n_steps must be 0 or more, got {self.save_last_every_n_steps}")
 
 
 S = TypeVar("S")

@@ -54,18 +54,45 @@ def standard_callbacks(monitor: MonitorSpec, trainer: Optional[L.Trainer] = None
         callbacks.append(ModelCheckpoint(monitor=monitor.metric, mode=monitor.mode, save_top_k=1, filename="best",
                                          auto_insert_metric_name=False, enable_version_counter=False))
     if monitor.save_last and checkpointing:
-        callbacks.append(LastCheckpoint(monitor=None, save_top_k=1, filename="last", enable_version_counter=False))
+        callbacks.append(LastCheckpoint(monitor.save_last_every_n_steps, monitor=None, save_top_k=1, filename="last",
+                                        enable_version_counter=False))
     if monitor.early_stopping:
         callbacks.append(EarlyStopping(monitor=monitor.metric, mode=monitor.mode, patience=monitor.patience))
     return callbacks
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Rewrites `last.ckpt` at every validation (a distinct class so Lightning keeps both callbacks)."""
+    """Rewrites `last.ckpt` at every validation (a distinct class so Lightning keeps both callbacks) and,
+    with `every_n_steps`, every that many optimizer steps inside an epoch.
+
+    Lightning's `every_n_train_steps` cannot be combined with saving at validations (they are mutually
+    exclusive, and the step saves would replace the validation ones), so the step saves are made here.
+    A step save is left out where a validation comes right after the batch (the epoch's last batch, or
+    a `val_check_interval` batch): the validation's own save follows with that validation's results,
+    so a resume never skips a validation nor the early-stopping and best-checkpoint decisions it makes.
+    It is only made at the end of an optimizer step, never inside gradient accumulation.
+    """
+
+    def __init__(self, every_n_steps: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.every_n_steps = every_n_steps
 
     @property
     def state_key(self) -> str:
         return "LastCheckpoint"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.every_n_steps < 1 or step == 0 or step % self.every_n_steps or self._should_skip_saving_checkpoint(trainer):
+            return
+        done = batch_idx + 1
+        at_step_end = done % trainer.accumulate_grad_batches == 0
+        val_check = trainer.val_check_batch
+        validation_next = done >= trainer.num_training_batches or (
+            isinstance(val_check, int) and val_check > 0 and done % val_check == 0)
+        if at_step_end and not validation_next:
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def saves_trainable_only(mode: str, adapter: AdapterSpec, base_reloadable: bool) -> bool:
