@@ -157,7 +157,10 @@ def test_each_problem_is_dropped_with_its_reason(troubled):
     assert pairs_of(dataset) == {("good1.png", "fine"), ("good2.png", "also fine"), ("orig.png", "first copy")}
     dropped = report["dropped"]
     assert {k: v["count"] for k, v in dropped.items()} == {
-        "missing_image": 1, "unreadable_image": 1, "duplicate_image": 1, "empty_text": 1, "too_long": 1}
+        "missing_image": 1, "unreadable_image": 1, "duplicate_image": 1, "empty_text": 1, "too_long": 1,
+        "no_images_left": 3}
+    # the texts of the three dropped images are accounted for too: texts read = used + unmatched + dropped
+    assert [e["where"] for e in dropped["no_images_left"]["examples"]] == [f"{texts} row {r}" for r in (3, 4, 6)]
     assert dropped["missing_image"]["examples"] == [
         {"where": f"{manifest} row 3: {manifest.parent / 'missing.png'}", "detail": "file not found"}]
     assert dropped["unreadable_image"]["examples"][0]["where"].endswith("corrupt.png")

@@ -24,9 +24,10 @@ def stop_or_skip(bad: dict[str, str], policy: str, what: str, setting: str, list
     log.warning("[mmtune] skipping %d %s(s); see %s in the run directory", len(bad), what, listed_in)
 
 
-def write_skipped(trainer, skipped: dict[str, str], filename: str, key_header: str) -> None:
-    """Writes {origin: reason} as `filename` in the run directory, from rank 0. Every rank must call it
-    (`trainer.log_dir` is a collective under DDP)."""
+def write_skipped(trainer, skipped: dict[str, str] | list[tuple[str, str]], filename: str, key_header: str) -> None:
+    """Writes {origin: reason} (or (key, reason) pairs, where a key may repeat) as `filename` in the run
+    directory, from rank 0, one line per skipped row. Every rank must call it (`trainer.log_dir` is a
+    collective under DDP)."""
     if trainer is None:
         return
     log_dir = trainer.log_dir
@@ -37,4 +38,4 @@ def write_skipped(trainer, skipped: dict[str, str], filename: str, key_header: s
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([key_header, "reason"])
-        writer.writerows(sorted(skipped.items()))
+        writer.writerows(sorted(skipped.items() if isinstance(skipped, dict) else skipped))

@@ -135,7 +135,8 @@ class ImageClassificationData(L.LightningDataModule):
         self.high_bit = high_bit
 
         self.splits: dict[str, list[ImageLabel]] = {}
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}  # {row (origin): reason}, one entry per dropped row
+        self._skipped_paths: dict[str, str] = {}  # {row: image path}, for skipped_images.csv
         self.classes: list[str] = []
         self.multi_label = False
         self.data_config: Optional[dict] = None
@@ -148,7 +149,8 @@ class ImageClassificationData(L.LightningDataModule):
             if not self.predict_path:
                 raise DataError("data.predict_path is not set: name the images to predict (a folder or manifest)")
             self.splits["predict"] = self._checked(read_image_labels(self.predict_path, self.columns, self.label_separator))
-        write_skipped(self.trainer, self.skipped, "skipped_images.csv", "path")
+        write_skipped(self.trainer, [(self._skipped_paths[o], reason) for o, reason in self.skipped.items()],
+                      "skipped_images.csv", "path")
         self._write_stats()
 
     def _write_stats(self) -> None:
@@ -203,9 +205,10 @@ class ImageClassificationData(L.LightningDataModule):
         if not self.verify_images:
             return samples
         bad = find_unreadable([s.path for s in samples], workers=max(2, self.num_workers))
-        stop_or_skip({s.origin: bad[s.path] for s in samples if s.path in bad}, self.bad_images, "unreadable image",
-                     "data.bad_images", "skipped_images.csv")
-        self.skipped.update(bad)
+        rows = {s.origin: bad[s.path] for s in samples if s.path in bad}  # per row: two rows may name one file
+        stop_or_skip(rows, self.bad_images, "unreadable image", "data.bad_images", "skipped_images.csv")
+        self.skipped.update(rows)
+        self._skipped_paths.update({s.origin: s.path for s in samples if s.path in bad})
         return [s for s in samples if s.path not in bad]
 
     # ---- connection to the task ------------------------------------------------------------------

@@ -31,6 +31,17 @@ def _to_8bit(img: Image.Image, policy: HighBitPolicy) -> Image.Image:
     return Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
+def _check_pixel_count(img: Image.Image, path: str) -> None:
+    """Refuses an image over PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`). PIL itself only warns
+    between one and two times the limit and decodes it, so a small file could still take gigabytes
+    (a decompression bomb); set `PIL.Image.MAX_IMAGE_PIXELS` higher (or None) for genuine huge images."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit and width * height > limit:
+        raise DataError(f"cannot read image {path}: {width}x{height} = {width * height} pixels is over PIL's limit of "
+                        f"{limit} (Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
+
+
 def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max") -> Image.Image:
     """Opens `path` as an 8-bit image with `channels` (1: L, 3: RGB) channels.
 
@@ -39,6 +50,7 @@ def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max"
     """
     try:
         with Image.open(path) as img:
+            _check_pixel_count(img, path)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 img = _to_8bit(img, high_bit)
@@ -50,6 +62,8 @@ def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max"
             return img.convert("L" if channels == 1 else "RGB")
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as err:  # over twice the limit, refused by PIL at open
+        raise DataError(f"cannot read image {path}: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from mmtune.data.images import find_unreadable, load_image
 from mmtune.data.pair_module import ContrastivePairData
-from mmtune.data.readers import _rows, read_saved_dataset
+from mmtune.data.readers import _rows, read_saved_dataset, scalar
 from mmtune.data.samplers import seed_everything_from
 from mmtune.data.transforms import AugmentSpec, build_transform
 from mmtune.data.splits import split_name
@@ -98,16 +98,17 @@ def read_pairs(source: str, image_column: str = "image", text_column: str = "tex
             raise DataError(f"{origin}: no {image_column!r} column (columns: {list(row) if isinstance(row, dict) else row})")
         if text_column not in row:
             raise DataError(f"{origin}: no {text_column!r} column (columns: {list(row)})")
-        image = Path(str(row[image_column] or "")).expanduser()
+        image = Path(str(scalar(row[image_column], image_column, origin, "a file path") or "")).expanduser()
         image = image if image.is_absolute() else root / image
-        text = str(row[text_column] or "").strip()
-        split = split_name(folder_split or row.get(split_column), origin)
+        text = str(scalar(row[text_column], text_column, origin, "text") or "").strip()
+        split = split_name(folder_split or row.get(split_column), origin, split_column)
         group = None
         if group_column:
             if group_column not in row:
                 raise DataError(f"{origin}: no group column {group_column!r} (columns: {list(row)})")
-            group = str(row[group_column])
-        label = (str(row.get(label_column) or "").strip() or None) if label_column else None
+            group = str(scalar(row[group_column], group_column, origin, "a group key"))
+        label = (str(scalar(row.get(label_column), label_column, origin, "a class name") or "").strip() or None) \
+            if label_column else None
         used = {image_column, text_column, split_column, label_column}
         meta = {k: v for k, v in row.items()
                 if k not in used and k is not None and isinstance(v, (str, int, float, bool))}

@@ -32,7 +32,7 @@ def _turns(value: Any, origin: str, key: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value:
-        return row_to_sample({"messages": value}, "messages", TextFields(), f"{origin} ({key})").messages
+        return row_to_sample({"messages": value}, "messages", TextFields(), f"{origin} field {key!r}").messages
     raise DataError(f"{origin}: field {key!r} must be text or a non-empty list of turns")
 
 

@@ -7,8 +7,12 @@ Arrow conversion buys nothing.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import errno
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -30,8 +34,28 @@ class ManifestColumns:
     group: Optional[str] = None
 
 
+def _is_image_entry(p: Path) -> bool:
+    """An image-named entry that is not a folder: files, and also broken or looping symlinks, so that
+    the image check names them instead of the listing dropping them unseen."""
+    return p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.is_dir()))
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if _is_image_entry(p))
+
+
+def file_problem(path: str) -> Optional[str]:
+    """Why `path` is not a readable file (None when it is): not found, a broken symlink, a symlink
+    loop, a folder."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symlink loop"
+        if os.path.islink(path):
+            return f"a broken symlink (to {os.readlink(path)})"
+        return "not found"
+    return "a folder, not a file" if os.path.isdir(path) else None
 
 
 def _read_folder(root: Path) -> list[ImageLabel]:
@@ -49,33 +73,85 @@ def _read_folder(root: Path) -> list[ImageLabel]:
         for class_dir in subdirs:
             for img in _images_in(class_dir):
                 samples.append(ImageLabel(str(img), (class_dir.name,), origin=str(img)))
-    samples += [ImageLabel(str(p), (), origin=str(p)) for p in sorted(root.iterdir())
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    samples += [ImageLabel(str(p), (), origin=str(p)) for p in sorted(root.iterdir()) if _is_image_entry(p)]
     return samples
+
+
+# (byte-order mark, codec), longest first: a UTF-32 LE mark starts like a UTF-16 LE one
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_LONGEST_FIELD = 1 << 30  # csv's default limit (128 KiB) refuses a long report; a field is only bounded by memory
+
+
+def read_text(path: Path) -> str:
+    """The text of a data file: UTF-8, or UTF-8/16/32 with a byte-order mark (what spreadsheet tools
+    export as "Unicode text").
+
+    Raises:
+        DataError: the file cannot be read, is not text in one of those encodings (naming the line), or
+            holds NUL characters (UTF-16 without a mark, or a binary file).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
+    codec = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not {codec.upper().replace('-SIG', '')} text (byte {data[err.start]:#04x} "
+                        f"at offset {err.start}); save the file as UTF-8") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DataError(f"{path} line {line}: a NUL character (UTF-16 text without a byte-order mark, or a binary "
+                        "file?); save the file as UTF-8")
+    return text
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """Strict CSV: a quote left open, text after a closing quote, or a row with more cells than the
+    header is an error naming the row (a lenient reader would swallow the rows after an open quote)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                            strict=True)
+    limit = csv.field_size_limit(_LONGEST_FIELD)
+    i = 1
+    try:
+        for i, row in enumerate(reader, start=2):
+            if None in row:
+                raise DataError(f"{path} row {i}: {len(row[None])} more cell(s) than the header's "
+                                f"{len(reader.fieldnames)} columns (an unquoted separator in a value?)")
+            yield i, row
+    except csv.Error as err:
+        raise DataError(f"{path} row {i + 1}: malformed CSV ({err}; a quote left open?)") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs from a CSV, JSONL or JSON-list file."""
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported manifest type {suffix!r} (use .csv, .tsv, .jsonl or .json)")
+    text = read_text(path)
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            for i, row in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), start=2):
-                yield i, row
+        yield from _csv_rows(path, text)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
-    elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # split on newlines only: str.splitlines would also cut at U+2028, which JSON strings may hold
+        for i, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {err.lineno}: invalid JSON ({err.msg})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects")
         yield from enumerate(data, start=1)
-    else:
-        raise DataError(f"{path}: unsupported manifest type {suffix!r} (use .csv, .tsv, .jsonl or .json)")
 
 
 def _read_manifest(path: Path, columns: ManifestColumns, separator: str) -> list[ImageLabel]:
@@ -85,25 +161,35 @@ def _read_manifest(path: Path, columns: ManifestColumns, separator: str) -> list
         origin = f"{path} {where} {line}"
         if not isinstance(row, dict) or not row.get(columns.path):
             raise DataError(f"{origin}: no {columns.path!r} value (columns: {list(row) if isinstance(row, dict) else row})")
-        image = Path(str(row[columns.path])).expanduser()
+        image = Path(str(scalar(row[columns.path], columns.path, origin, "a file path"))).expanduser()
         image = image if image.is_absolute() else path.parent / image
         raw = row.get(columns.label)
         if isinstance(raw, list):
-            labels = tuple(str(x).strip() for x in raw if str(x).strip())
+            labels = tuple(str(scalar(x, columns.label, origin, "a class name")).strip() for x in raw)
+            labels = tuple(x for x in labels if x)
         elif raw is None:
             labels = ()
         else:
-            labels = tuple(x.strip() for x in str(raw).split(separator) if x.strip())
-        split = split_name(row.get(columns.split), origin)
+            labels = tuple(x.strip() for x in str(scalar(raw, columns.label, origin, "a class name or a list of them"))
+                           .split(separator) if x.strip())
+        split = split_name(row.get(columns.split), origin, columns.split)
         group = None
         if columns.group:
             if columns.group not in row:
                 raise DataError(f"{origin}: no group column {columns.group!r} (columns: {list(row)})")
-            group = str(row[columns.group])
+            group = str(scalar(row[columns.group], columns.group, origin, "a group key"))
         used = {columns.path, columns.label, columns.split}
         meta = {k: v for k, v in row.items() if k not in used and k is not None}
         samples.append(ImageLabel(str(image), labels, group, split, origin, meta))
     return samples
+
+
+def scalar(value, key: str, where: str, what: str):
+    """`value` when it is text, a number or a boolean (or None); a list or an object is an error naming
+    `where` and the field `key` (it would otherwise become a path, label or group like "{'x': 1}")."""
+    if isinstance(value, (list, tuple, dict)):
+        raise DataError(f"{where}: field {key!r} must be {what}, got a {type(value).__name__} ({str(value)[:60]})")
+    return value
 
 
 def read_image_labels(source: str, columns: ManifestColumns = ManifestColumns(), separator: str = "|") -> list[ImageLabel]:
@@ -118,9 +204,12 @@ def read_image_labels(source: str, columns: ManifestColumns = ManifestColumns(),
     samples = _read_folder(path) if path.is_dir() else _read_manifest(path, columns, separator)
     if not samples:
         raise DataError(f"no images found in {path}")
-    missing = [s for s in samples if not Path(s.path).is_file()]
+    if path.is_dir():
+        return samples  # every entry was listed; broken links are unreadable images, under data.bad_images
+    problems = {s.path: file_problem(s.path) for s in samples}
+    missing = [s for s in samples if problems[s.path]]
     if missing:
-        shown = "; ".join(f"{s.origin}: {s.path}" for s in missing[:10])
+        shown = "; ".join(f"{s.origin}: {s.path} ({problems[s.path]})" for s in missing[:10])
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         raise DataError(f"{len(missing)} image file(s) are missing: {shown}{more}")
     return samples

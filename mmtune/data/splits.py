@@ -55,12 +55,16 @@ def assign_splits(
     return out
 
 
-def split_name(value, where: str) -> Optional[str]:
+def split_name(value, where: str, column: str = "split") -> Optional[str]:
     """The canonical split (`train`, `val`, `test`) a source names, or None when it names none.
 
     Raises:
-        DataError: naming `where`, for a value that is not a split (or one of its aliases).
+        DataError: naming `where` (and the `column`, for a list or an object), for a value that is not
+            a split (or one of its aliases).
     """
+    if isinstance(value, (list, tuple, dict)):
+        raise DataError(f"{where}: field {column!r} must be a split name (train, val or test), got a "
+                        f"{type(value).__name__}")
     if value is None or str(value).strip() == "":
         return None
     name = SPLIT_ALIASES.get(str(value).strip().lower())

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from mmtune.data.pair_module import ContrastivePairData
 from mmtune.data.pairs import normalize_text, stable_key
-from mmtune.data.readers import _rows
+from mmtune.data.readers import _rows, scalar
 from mmtune.data.splits import split_name
 from mmtune.errors import DataError
 
@@ -47,10 +47,12 @@ def read_query_docs(source: str, query_column: str, positive_column: str, negati
         for col in (query_column, positive_column):
             if not isinstance(row, dict) or col not in row:
                 raise DataError(f"{origin}: no {col!r} column (columns: {list(row) if isinstance(row, dict) else row})")
-        split = split_name(row.get(split_column), origin)
-        query, positive = str(row[query_column] or "").strip(), str(row[positive_column] or "").strip()
-        negative = (str(row.get(negative_column) or "").strip() or None) if negative_column else None
-        group = str(row.get(group_column)) if group_column else None
+        split = split_name(row.get(split_column), origin, split_column)
+        query = str(scalar(row[query_column], query_column, origin, "text") or "").strip()
+        positive = str(scalar(row[positive_column], positive_column, origin, "text") or "").strip()
+        negative = (str(scalar(row.get(negative_column), negative_column, origin, "text") or "").strip() or None) \
+            if negative_column else None
+        group = str(scalar(row.get(group_column), group_column, origin, "a group key")) if group_column else None
         if not query or not positive:
             bad[origin] = "empty query" if not query else "empty positive"
         rows.append(QueryDoc(query, positive, negative, group, split, origin))

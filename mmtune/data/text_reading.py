@@ -8,11 +8,13 @@ generation (`predict`, fixed validation prompts) are read here too.
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from mmtune.data.readers import _csv_rows, read_text
 from mmtune.errors import ConfigError, DataError
 
 TextFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
@@ -104,19 +106,36 @@ def _load_rows(path: Path) -> tuple[list[dict], list[str]]:
         raise DataError(f"data file not found: {path}")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty")
-    if path.suffix.lower() == ".jsonl":
-        _check_json_lines(path)
+    suffix = path.suffix.lower()
+    text = None
+    if suffix in (".jsonl", ".json", ".csv"):
+        with path.open("rb") as f:
+            head = f.read(2)
+        if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # also the start of a UTF-32 LE mark
+            # `datasets` (Arrow, pandas) reads UTF-8 only
+            raise DataError(f"{path}: UTF-16 or UTF-32 text; text, preference and vision-language data files must be "
+                            "UTF-8 (save the file as UTF-8)")
+        text = read_text(path)  # names the line of a byte that is not UTF-8, or of a NUL
+        if suffix == ".jsonl":
+            _check_json_lines(path, text)
+        elif suffix == ".csv":
+            for _ in _csv_rows(path, text):  # strict: names the row of an open quote or a row with surplus cells
+                pass
     import datasets
 
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as err:  # noqa: BLE001  (datasets raises many kinds for unreadable files)
-        raise DataError(f"{path}: cannot read it as {kind}: {type(err).__name__}: {str(err)[:300]}") from None
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own words
+            cause = cause.__cause__ or cause.__context__
+        detail = " ".join(str(cause).split())[:300]
+        raise DataError(f"{path}: cannot read it as {kind}: {type(cause).__name__}: {detail}") from None
     rows = ds.to_list()
     if not rows:
         raise DataError(f"{path} has no rows")
     if path.suffix.lower() == ".jsonl":
-        lines = [i for i, line in enumerate(path.open(encoding="utf-8"), start=1) if line.strip()]
+        lines = [i for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
         origins = [f"{path} line {n}" for n in lines] if len(lines) == len(rows) else None
     elif path.suffix.lower() == ".csv":
         origins = [f"{path} row {i + 2}" for i in range(len(rows))]  # the header is row 1
@@ -125,16 +144,15 @@ def _load_rows(path: Path) -> tuple[list[dict], list[str]]:
     return rows, origins or [f"{path} item {i + 1}" for i in range(len(rows))]
 
 
-def _check_json_lines(path: Path) -> None:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
-                if not isinstance(value, dict):
-                    raise DataError(f"{path} line {i}: expected a JSON object, got {type(value).__name__}")
+def _check_json_lines(path: Path, text: str) -> None:
+    for i, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path} line {i}: expected a JSON object, got {type(value).__name__}")
 
 
 def detect_format(columns: set[str], fields: TextFields) -> str:

@@ -147,7 +147,11 @@ class VisionTextData(L.LightningDataModule):
     def _skip(self, origin: str, err: DataError) -> None:
         if self.bad_samples == "error":
             raise err
-        self.skipped[origin] = str(err)
+        key, n = origin, 1
+        while key in self.skipped:  # samples that share an id are each listed (as <id>#2, ... like unique_ids)
+            n += 1
+            key = f"{origin}#{n}"
+        self.skipped[key] = str(err)
 
     def _source(self, path: str) -> list[VisualConversation]:
         return read_visual_source(path, self.format, self.fields, self.image_root, self.prompt, self.image_placeholder,

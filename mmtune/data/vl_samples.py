@@ -113,7 +113,7 @@ def _str(row: dict, key: str, sid: str, what: str, required: bool = True) -> Opt
             present = sorted(k for k, v in row.items() if v not in (None, ""))
             raise DataError(f"sample {sid}: {what} field {key!r} is missing or empty (fields: {present})")
         return None
-    if not isinstance(value, (str, int, float)):
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a number reads as text; true does not
         raise DataError(f"sample {sid}: field {key!r} must be text, got {type(value).__name__}")
     return str(value)
 
@@ -243,7 +243,8 @@ def read_visual_source(path: str, fmt: VisualFormat, fields: VisualFields, image
         try:
             sample = row_to_sample(row, kind, fields, root, origin, prompt, placeholder)
         except DataError as err:
-            on_error(str(row.get(fields.id)) if row.get(fields.id) not in (None, "") else origin, err)
+            message = str(err) if origin in str(err) else f"{origin}: {err}"  # the sample id, and where it is
+            on_error(str(row.get(fields.id)) if row.get(fields.id) not in (None, "") else origin, DataError(message))
             continue
         sample.split = sample.split or split
         out.append(sample)

@@ -258,7 +258,7 @@ def _align(spec: AlignSpec) -> tuple[DatasetDict, dict]:
     bad_texts, final, pii_counts = _check_texts(spec, texts, joined.texts, dropped)
     checks_run += ["empty_text"] + (["too_long"] if "too_long" in dropped else [])
     row_text, row_image, emptied = _surviving_rows(joined, bad_texts, bad_images, spec.mode)
-    if spec.mode == "list":
+    if spec.mode == "list" or emptied:  # texts whose every image was dropped: every text read is accounted for
         dropped["no_images_left"] = dropped_entry(emptied, "text", texts.where, spec.examples)
     if not row_text:
         reasons = ", ".join(f"{v['count']} {k}" for k, v in dropped.items() if v["count"])

@@ -7,7 +7,7 @@ without mmtune; `format_summary` turns it into the few lines printed on the term
 - `images`, `texts`: how many were read; `matched`: `pairs`, `images`, `texts` that share a key;
 - `unmatched_images`, `unmatched_texts`: `count` and the first `examples` (`where`, `key`);
 - `checks`: the checks that ran; `dropped`: per reason (`missing_image`, `unreadable_image`,
-  `duplicate_image`, `empty_text`, `too_long`, and in list mode `no_images_left`) the `count` of
+  `duplicate_image`, `empty_text`, `too_long`, and `no_images_left`: texts whose every image was dropped) the `count` of
   images or texts (`unit`) with the problem and the first `examples` (`where`, `detail`);
 - `pii`: replacements per kind (None when scrubbing is off);
 - `rows`: rows written; `columns`: their columns;

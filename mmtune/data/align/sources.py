@@ -200,6 +200,8 @@ def read_texts(source: str, text_column: str = "text", key_column: Optional[str]
                     if wanted is None and name != text_column:
                         values_of[name] = [None] * n  # a column first met on a later JSONL line
         text = row.get(text_column)
+        if isinstance(text, (list, tuple, dict)):
+            raise DataError(f"{root} {_unit(root)} {line}: field {text_column!r} must be text, got a {type(text).__name__}")
         texts.append(None if text is None else str(text).strip())
         keys.append(_value(row.get(key_column)) if key_column else None)
         lines.append(line)
