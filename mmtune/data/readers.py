@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_ALIASES, split_name
@@ -128,6 +128,17 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         csv.field_size_limit(limit)
 
 
+def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines text; a bad line is an error naming it."""
+    # split on newlines only: str.splitlines would also cut at U+2028, which JSON strings may hold
+    for i, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
+
+
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs from a CSV, JSONL or JSON-list file."""
     suffix = path.suffix.lower()
@@ -137,13 +148,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     if suffix in (".csv", ".tsv"):
         yield from _csv_rows(path, text)
     elif suffix == ".jsonl":
-        # split on newlines only: str.splitlines would also cut at U+2028, which JSON strings may hold
-        for i, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
+        yield from json_lines(path, text)
     else:
         try:
             data = json.loads(text)

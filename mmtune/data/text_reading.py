@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from mmtune.data.readers import _csv_rows, read_text
+from mmtune.data.readers import _csv_rows, json_lines, read_text
 from mmtune.errors import ConfigError, DataError
 
 TextFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
@@ -145,14 +145,9 @@ def _load_rows(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _check_json_lines(path: Path, text: str) -> None:
-    for i, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {i}: invalid JSON ({err.msg})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{path} line {i}: expected a JSON object, got {type(value).__name__}")
+    for i, value in json_lines(path, text):
+        if not isinstance(value, dict):
+            raise DataError(f"{path} line {i}: expected a JSON object, got {type(value).__name__}")
 
 
 def detect_format(columns: set[str], fields: TextFields) -> str:
