@@ -9,7 +9,6 @@ generation (`predict`, fixed validation prompts) are read here too.
 from __future__ import annotations
 
 import codecs
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
