@@ -15,6 +15,7 @@ from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_traini
 from mmtune.data.samplers import stratified_sample
 from mmtune.data.text import IGNORE
 from mmtune.data.vl_encoding import build_encoding
+from mmtune.files import atomic_write
 from mmtune.losses.tokens import global_token_mean, token_loss
 from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors
@@ -331,8 +332,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
             target = (out or Path(".")) / "predictions" / f"val_step_{self.trainer.global_step}.jsonl"
         else:
             target = Path(self.hparams.predictions_file or (out or Path(".")) / "predictions.jsonl")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w") as f:
+        with atomic_write(target) as f:
             for r in rows:
                 f.write(json.dumps({"id": r["id"], "reference": r["reference"], "prediction": r["prediction"],
                                     **({"answer_type": r["answer_type"]} if r["answer_type"] else {})}) + "\n")
