@@ -3,8 +3,9 @@ baseline), `export` and `data align`.
 
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
-a run directory per run (`runs/<name>/version_N/`) with CSV and TensorBoard logs, resuming with
-`--ckpt_path last`, `best`/`last` aliases for evaluation, the class list of a checkpoint carried
+a run directory per run (`runs/<name>/version_N/`) with CSV and TensorBoard logs that nothing writes
+into before the verb's setup has passed (`mmtune.run_directory`), resuming with `--ckpt_path last`
+(appending to the run's logs), `best`/`last` aliases for evaluation, the class list of a checkpoint carried
 into the task before it is built, and checkpoints read with `weights_only=True` only (a checkpoint is
 data: loading one never runs code from it).
 """
@@ -19,12 +20,12 @@ from typing import Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import mmtune  # noqa: F401  (registers the task and data classes for short class_path names)
 from mmtune.errors import ConfigError, MMTuneError
 from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
+from mmtune.run_directory import RunConfigCallback, RunCSVLogger, RunTensorBoardLogger
 from mmtune.tasks.common import load_task, read_checkpoint
 
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
@@ -175,7 +176,11 @@ class MMTuneCLI(LightningCLI):
             path = Path(ckpt)
             if not path.is_file():
                 raise ConfigError(f"--ckpt_path {ckpt}: file not found")
-            if path.parent.name == "checkpoints":
+            # Evaluation verbs write their outputs beside the checkpoint they score. A fit resumes a
+            # run in place only when the checkpoint is one of this run name's; a fit from another
+            # run's checkpoint (or a copied file) is a new run, restored from that training state.
+            if path.parent.name == "checkpoints" and (
+                    self.subcommand != "fit" or path.parent.parent.parent.resolve() == base.resolve()):
                 run_dir = path.parent.parent
         if _is_child_process() and os.environ.get(RUN_DIR_ENV):
             run_dir = Path(os.environ[RUN_DIR_ENV])
@@ -183,10 +188,21 @@ class MMTuneCLI(LightningCLI):
             run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        self._resume_step: Optional[int] = None  # the global step a fit resumes its own run from
         if cfg.ckpt_path:
             # Read safely before anything is built, so a refused file gets a one-line error naming it
             # (Lightning reads it again, also with weights_only=True, when the verb runs).
-            self._carry_checkpoint_hparams(cfg, read_checkpoint(cfg.ckpt_path))
+            checkpoint = read_checkpoint(cfg.ckpt_path)
+            self._carry_checkpoint_hparams(cfg, checkpoint)
+            if self.subcommand == "fit" and Path(cfg.ckpt_path).parent.parent == run_dir:
+                self._resume_step = int(checkpoint.get("global_step") or 0)
+
+    def _config_filename(self) -> str:
+        """`config.yaml` is the fit's that started the run; a resume and every other verb write their
+        own beside it (`resume_config.yaml`, `test_config.yaml`, ...), so none replaces it."""
+        if self.subcommand == "fit":
+            return "config.yaml" if self._resume_step is None else "resume_config.yaml"
+        return f"{self.subcommand}_config.yaml"
 
     def _carry_checkpoint_hparams(self, cfg, checkpoint: dict) -> None:
         """A checkpoint's class list (and label mode) is known before the task is built."""
@@ -209,8 +225,8 @@ class MMTuneCLI(LightningCLI):
             save_dir, name = str(run_dir.parent.parent), run_dir.parent.name
             number = re.fullmatch(r"version_(\d+)", run_dir.name)
             version = int(number.group(1)) if number else run_dir.name  # an int shows as v_num in the progress bar
-            kwargs["logger"] = [CSVLogger(save_dir, name=name, version=version),
-                                TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
+            kwargs["logger"] = [RunCSVLogger(save_dir, name=name, version=version, resume_step=self._resume_step),
+                                RunTensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
             kwargs["default_root_dir"] = str(run_dir)
         if self.subcommand == "fit":  # forgetting checks: scored before and after fine-tuning
@@ -220,7 +236,12 @@ class MMTuneCLI(LightningCLI):
             if extra:
                 given = trainer_cfg.get("callbacks") or []
                 kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *extra]
-        return super().instantiate_trainer(**kwargs)
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": self._config_filename()}
+        trainer = super().instantiate_trainer(**kwargs)
+        # First, so the loggers are open before any other callback's on_fit_start logs to them.
+        opener = [c for c in trainer.callbacks if isinstance(c, RunConfigCallback)]
+        trainer.callbacks = opener + [c for c in trainer.callbacks if c not in opener]
+        return trainer
 
 
 def _export(argv: list[str]) -> None:
@@ -234,12 +255,17 @@ def _export(argv: list[str]) -> None:
                              "folder or hub; only for checkpoints and models you trust)")
     args = parser.parse_args(argv)
     task = load_task(args.ckpt_path, trust_remote_code=args.trust_remote_code)
-    out = task.export(args.out)
     from mmtune.evaluation.model_card import write_model_card
+    from mmtune.files import atomic_folder
 
     ckpt = Path(args.ckpt_path)
-    card = write_model_card(out, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
-    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {card})")
+    out = Path(args.out)
+    # Written into a temporary folder beside --out and renamed when complete: a kill or a full disk
+    # mid-export leaves no half export, and a previous export at --out stays whole until then.
+    with atomic_folder(out) as staging:
+        task.export(str(staging))
+        write_model_card(staging, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None, out.name)
+    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {out / 'README.md'})")
 
 
 def _data(argv: list[str]) -> None:
@@ -266,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         MMTuneCLI(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             seed_everything_default=42, auto_configure_optimizers=False, args=None if from_shell else argv,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunConfigCallback, save_config_kwargs={"overwrite": True},
             trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
         )
     except Exception as err:  # noqa: BLE001

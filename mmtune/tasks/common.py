@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from mmtune.adapters import trainable_state_dict
-from mmtune.callbacks import RunSummary, StepSeed
+from mmtune.callbacks import RunSummary, StepSeed, ValidateAtStepLimit
+from mmtune.checkpoint_io import CrashSafeCheckpoints
 from mmtune.errors import ModelError
 from mmtune.metrics.records import RecordSet, SampleRecord, write_records
 from mmtune.optim import build_optimizer, build_scheduler, param_groups
@@ -34,12 +35,13 @@ TASKS: Registry[type] = Registry("mmtune task")
 
 
 def standard_callbacks(monitor: MonitorSpec, trainer: Optional[L.Trainer] = None) -> list[Callback]:
-    """Best/last checkpoints and early stopping from the monitor spec, plus seeding and metrics.json.
+    """Best/last checkpoints (written crash-safely) and early stopping from the monitor spec, plus
+    seeding, validation at a `max_steps` limit and metrics.json.
 
     `last.ckpt` has its own callback: since Lightning 2.6 a `save_last=True` checkpoint is only
     rewritten when the top-k one is, so it would go stale whenever the metric stops improving.
     """
-    callbacks: list[Callback] = [StepSeed(), RunSummary()]
+    callbacks: list[Callback] = [StepSeed(), ValidateAtStepLimit(), RunSummary(), CrashSafeCheckpoints()]
     # Trainer(enable_checkpointing=False) leaves no ModelCheckpoint: honour it instead of adding ours.
     checkpointing = trainer is None or bool(trainer.checkpoint_callbacks)
     if monitor.save_best and checkpointing:
