@@ -1,5 +1,5 @@
-"""Callbacks every task attaches: per-step seeding and the loader's position (exact resume), and the
-run's metrics.json."""
+"""Callbacks every task attaches: per-step seeding and the loader's position (exact resume), validation at a
+step limit, and the run's metrics.json."""
 
 from __future__ import annotations
 
@@ -57,6 +57,19 @@ class ResumeLoaderPosition(Callback):
             for loader, state in zip(loaders, states):
                 if isinstance(loader, ResumableLoader):
                     loader.load_state_dict(state)
+class ValidateAtStepLimit(Callback):
+    """Validates when `max_steps` stops the fit in the middle of an epoch.
+
+    Lightning validates at epoch ends; a `max_steps` shorter than an epoch (a common smoke test) ends
+    the fit before any validation, and the best checkpoint and early stopping then fail on a missing
+    `val/...` metric. Asking the loop to stop at the step limit makes it validate first (Lightning
+    validates before stopping on `trainer.should_stop`), so the fit ends validated and saved.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 def _scalar(value: Any) -> Optional[float]:

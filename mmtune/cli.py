@@ -3,8 +3,9 @@ baseline), behind the light dispatcher `mmtune.entry` (which also runs `export`,
 
 The YAML maps onto the `__init__` signatures of a task and a data module (jsonargparse), so
 `--print_config`, dotted overrides and type checks come from LightningCLI. What is added here:
-a run directory per run (`runs/<name>/version_N/`) with CSV and TensorBoard logs, resuming with
-`--ckpt_path last`, `best`/`last` aliases for evaluation, the class list of a checkpoint carried
+a run directory per run (`runs/<name>/version_N/`) with CSV and TensorBoard logs that nothing writes
+into before the verb's setup has passed (`mmtune.run_directory`), resuming with `--ckpt_path last`
+(appending to the run's logs), `best`/`last` aliases for evaluation, the class list of a checkpoint carried
 into the task before it is built, and checkpoints read with `weights_only=True` only (a checkpoint is
 data: loading one never runs code from it).
 """
@@ -19,13 +20,13 @@ from typing import Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import mmtune
 from mmtune.errors import ConfigError
 from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.faults import FaultSpec, fault_callbacks, slurm_requeued
+from mmtune.run_directory import RunConfigCallback, RunCSVLogger, RunTensorBoardLogger
 from mmtune.tasks.common import read_checkpoint
 
 log = logging.getLogger("mmtune")
@@ -212,7 +213,11 @@ class MMTuneCLI(LightningCLI):
             path = Path(ckpt)
             if not path.is_file():
                 raise ConfigError(f"--ckpt_path {ckpt}: file not found")
-            if path.parent.name == "checkpoints":
+            # Evaluation verbs write their outputs beside the checkpoint they score. A fit resumes a
+            # run in place only when the checkpoint is one of this run name's; a fit from another
+            # run's checkpoint (or a copied file) is a new run, restored from that training state.
+            if path.parent.name == "checkpoints" and (
+                    self.subcommand != "fit" or path.parent.parent.parent.resolve() == base.resolve()):
                 run_dir = path.parent.parent
         if _is_child_process() and os.environ.get(RUN_DIR_ENV):
             run_dir = Path(os.environ[RUN_DIR_ENV])
@@ -220,10 +225,21 @@ class MMTuneCLI(LightningCLI):
             run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        self._resume_step: Optional[int] = None  # the global step a fit resumes its own run from
         if cfg.ckpt_path:
             # Read safely before anything is built, so a refused file gets a one-line error naming it
             # (Lightning reads it again, also with weights_only=True, when the verb runs).
-            self._carry_checkpoint_hparams(cfg, read_checkpoint(cfg.ckpt_path))
+            checkpoint = read_checkpoint(cfg.ckpt_path)
+            self._carry_checkpoint_hparams(cfg, checkpoint)
+            if self.subcommand == "fit" and Path(cfg.ckpt_path).parent.parent == run_dir:
+                self._resume_step = int(checkpoint.get("global_step") or 0)
+
+    def _config_filename(self) -> str:
+        """`config.yaml` is the fit's that started the run; a resume and every other verb write their
+        own beside it (`resume_config.yaml`, `test_config.yaml`, ...), so none replaces it."""
+        if self.subcommand == "fit":
+            return "config.yaml" if self._resume_step is None else "resume_config.yaml"
+        return f"{self.subcommand}_config.yaml"
 
     def _carry_checkpoint_hparams(self, cfg, checkpoint: dict) -> None:
         """A checkpoint's class list (and label mode) is known before the task is built."""
@@ -246,8 +262,8 @@ class MMTuneCLI(LightningCLI):
             save_dir, name = str(run_dir.parent.parent), run_dir.parent.name
             number = re.fullmatch(r"version_(\d+)", run_dir.name)
             version = int(number.group(1)) if number else run_dir.name  # an int shows as v_num in the progress bar
-            kwargs["logger"] = [CSVLogger(save_dir, name=name, version=version),
-                                TensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
+            kwargs["logger"] = [RunCSVLogger(save_dir, name=name, version=version, resume_step=self._resume_step),
+                                RunTensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
             kwargs["default_root_dir"] = str(run_dir)
         if self.subcommand == "fit":  # forgetting checks: scored before and after fine-tuning
@@ -258,7 +274,12 @@ class MMTuneCLI(LightningCLI):
             if extra:
                 given = trainer_cfg.get("callbacks") or []
                 kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *extra]
-        return super().instantiate_trainer(**kwargs)
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": self._config_filename()}
+        trainer = super().instantiate_trainer(**kwargs)
+        # First, so the loggers are open before any other callback's on_fit_start logs to them.
+        opener = [c for c in trainer.callbacks if isinstance(c, RunConfigCallback)]
+        trainer.callbacks = opener + [c for c in trainer.callbacks if c not in opener]
+        return trainer
 
 
 def run_lightning(argv: Optional[list[str]] = None) -> None:
@@ -267,7 +288,7 @@ def run_lightning(argv: Optional[list[str]] = None) -> None:
     MMTuneCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         seed_everything_default=42, auto_configure_optimizers=False, args=argv,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfigCallback, save_config_kwargs={"overwrite": True},
         trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
     )
 

@@ -64,11 +64,16 @@ def export(argv: list[str]) -> None:
     from mmtune.evaluation.model_card import write_model_card
     from mmtune.tasks.common import load_task
 
+    from mmtune.files import atomic_folder
+
     task = load_task(args.ckpt_path, trust_remote_code=args.trust_remote_code)
-    out = task.export(args.out)
-    ckpt = Path(args.ckpt_path)
-    card = write_model_card(out, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
-    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {card})")
+    ckpt, out = Path(args.ckpt_path), Path(args.out)
+    # Written into a temporary folder beside --out and renamed when complete: a kill or a full disk
+    # mid-export leaves no half export, and a previous export at --out stays whole until then.
+    with atomic_folder(out) as staging:
+        task.export(str(staging))
+        write_model_card(staging, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None, out.name)
+    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {out / 'README.md'})")
 
 
 def report(argv: list[str]) -> None:

@@ -1,25 +1,95 @@
-"""Crash-safe file writes: a temporary file in the same folder, then an atomic rename, so a kill
-during a write leaves the previous file whole (metrics.json, records, reports)."""
+"""Crash-safe file writes: a temporary file (or folder) beside the target, then an atomic rename, so a
+kill during a write leaves the previous file whole (checkpoints, metrics.json, records, reports,
+exports). A full disk stops with a one-line error naming the file instead of leaving half of it."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
+
+from mmtune.errors import MMTuneError
+
+
+class WriteError(MMTuneError):
+    """A file could not be written (full disk, quota): the previous version of the file is kept."""
+
+
+def _temporary_name(path: Path) -> Path:
+    # Beside the target, so the rename stays on one filesystem (a rename across filesystems is a copy);
+    # a dot name, so globs of the folder's real files do not pick it up.
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _clear_error(path: Path, err: OSError) -> MMTuneError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        return WriteError(f"no space left on the device while writing {path} ({os.strerror(err.errno)}); {kept}. "
+                          "Free space (or point --runs_dir / --out at a larger disk) and run again")
+    return WriteError(f"cannot write {path}: {err.strerror or err}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """An open file that replaces `path` only once it is completely written (and synced to disk).
+
+    Raises:
+        WriteError: the disk filled up (or another OS error) while writing; `path` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _clear_error(path, err) from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into; it becomes `out` once everything is written.
+    A folder already at `out` is replaced only then (moved aside, the new one moved in, the old one
+    removed), so an interrupted write leaves the previous folder whole.
+
+    Raises:
+        WriteError: the disk filled up while writing; `out` is unchanged.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = _temporary_name(out)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as err:
+        raise _clear_error(out, err) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Writes `text` to `path` through a temporary file and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
 
 
 def read_json(path: Path, default: Any = None) -> Any:

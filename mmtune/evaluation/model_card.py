@@ -142,9 +142,11 @@ def _limitations(test: dict, metrics: dict) -> list[str]:
     return out
 
 
-def write_model_card(out_dir: Path, run_dir: Optional[Path]) -> Path:
+def write_model_card(out_dir: Path, run_dir: Optional[Path], export_name: Optional[str] = None) -> Path:
     """Writes `out_dir/README.md` for an export, from `mmtune.json` in `out_dir` and the run directory
-    the checkpoint came from (when known). Returns the card's path."""
+    the checkpoint came from (when known). Returns the card's path. `export_name` names the model
+    when there is no run directory (default: the folder's name; exports are written in a temporary
+    folder first)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     out = Path(out_dir)
@@ -155,7 +157,7 @@ def write_model_card(out_dir: Path, run_dir: Optional[Path]) -> Path:
     metrics = (read_json(Path(run_dir) / "metrics.json", {}) if run_dir is not None else {}) or {}
     pipeline, task_type = TASKS.get(meta.get("task"), (None, "other"))
     library = _library(out)
-    name = Path(run_dir).parent.name if run_dir is not None else out.name
+    name = Path(run_dir).parent.name if run_dir is not None else (export_name or out.name)
     data_path = ((config.get("data") or {}).get("init_args") or {}).get("path")
     dataset = Path(str(data_path)).name if data_path else "local data"
     eval_results = [EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset, dataset_split="test",

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import ConfusionMatrix, Metric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, Recall, Specificity
 
+from mmtune.files import atomic_write
 from mmtune.metrics.ranking import class_log_odds, weighted_auroc
 
 
@@ -121,7 +122,7 @@ def write_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], out_dir
     for name, grid, fmt in (("confusion_matrix.csv", rows, str), ("confusion_matrix_normalized.csv", shares,
                                                                     lambda v: f"{v:.4f}")):
         path = out_dir / name
-        with path.open("w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for c, row in zip(classes, grid):
@@ -149,6 +150,7 @@ def write_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], out_dir
     fig.suptitle(f"confusion matrix: {where}")
     fig.tight_layout()
     png = out_dir / "confusion_matrix.png"
-    fig.savefig(png, dpi=100)
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return [*paths, png]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from mmtune.errors import DataError
+from mmtune.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -97,15 +97,12 @@ def write_records(path: Path, records: RecordSet) -> Path:
     """Writes a record set as JSONL (a header line, then one record a line), atomically: a kill
     during the write leaves the previous file whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         header = {"mmtune_records": FORMAT_VERSION, "kind": records.kind, "count": len(records.records),
                   "info": _plain(records.info)}
         f.write(json.dumps(header) + "\n")
         for r in records.records:
             f.write(json.dumps(_plain(asdict(r)), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -77,7 +77,9 @@ def resolve_classifier_ref(spec: ModelSpec) -> tuple[str, str]:
     name = spec.name
     for prefix, family in (("timm:", "timm"), ("tv:", "torchvision"), ("torchvision:", "torchvision")):
         if name.startswith(prefix):
-            return family, name[len(prefix):]
+            ref = name[len(prefix):]
+            _check_known_name(name, family, ref, prefix)
+            return family, ref
     if name.startswith("hf-hub:"):
         return "timm", name
     path = Path(name).expanduser()
@@ -107,9 +109,32 @@ def resolve_classifier_ref(spec: ModelSpec) -> tuple[str, str]:
     if name in torchvision.models.list_models():
         return "torchvision", name
     candidates = list(timm.list_models()) + [f"tv:{n}" for n in torchvision.models.list_models()]
-    close = difflib.get_close_matches(name.removeprefix("timm:"), candidates, n=5, cutoff=0.6)
-    hint = f" Close names: {', '.join(close)}." if close else ""
-    raise ModelError(f"unknown model {name!r}: not a timm or torchvision name, nor a local directory.{hint}")
+    raise ModelError(f"unknown model {name!r}: not a timm or torchvision name, nor a local directory."
+                     f"{_close_names(name, candidates)}")
+
+
+def _close_names(name: str, candidates: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    return f" Close names: {', '.join(prefix + c for c in close)}." if close else ""
+
+
+def _check_known_name(name: str, family: str, ref: str, prefix: str) -> None:
+    """A prefixed name (`timm:resnet1`) is checked like a bare one, so a typo gets close names instead
+    of the factory's bare "Unknown model" error at build time. Refs with their own source
+    (`timm:hf-hub:...`, `timm:local-dir:...`) are left to the factory."""
+    if ":" in ref:
+        return
+    if family == "timm":
+        import timm
+
+        if not timm.is_model(ref):  # accepts pretrained tags (resnet50.a1_in1k)
+            raise ModelError(f"unknown model {name!r}: not a timm name.{_close_names(ref, timm.list_models(), prefix)}")
+    else:
+        import torchvision
+
+        known = torchvision.models.list_models()
+        if ref not in known:
+            raise ModelError(f"unknown model {name!r}: not a torchvision name.{_close_names(ref, known, prefix)}")
 
 
 def build_classifier(spec: ModelSpec, num_classes: int) -> VisionClassifier:

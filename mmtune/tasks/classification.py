@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
 from mmtune.errors import ConfigError, DataError
 from mmtune.evaluation.calibration import calibrate, parse_operating_point, positive_index
-from mmtune.files import update_json
+from mmtune.files import atomic_write, update_json
 from mmtune.metrics.classification import ClassificationMetrics, write_confusion_matrix
 from mmtune.metrics.records import SampleRecord
 from mmtune.models.vision import (
@@ -404,8 +404,7 @@ def write_predictions(path: Path, rows: list[tuple[str, list[float]]], classes: 
                       thresholds: Optional[list[float]] = None, positive: Optional[int] = None) -> None:
     """One CSV row per image: path, predicted label(s) (`a|b` for multi-label, given `thresholds`; a
     binary task's `positive` class when its probability reaches its threshold), probability per class."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "prediction", *[f"p_{c}" for c in classes]])
         for image, probs in rows:

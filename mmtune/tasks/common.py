@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from mmtune.adapters import trainable_state_dict
-from mmtune.callbacks import ResumeLoaderPosition, RunSummary, StepSeed
+from mmtune.callbacks import ResumeLoaderPosition, RunSummary, StepSeed, ValidateAtStepLimit
+from mmtune.checkpoint_io import CrashSafeCheckpoints
 from mmtune.errors import ModelError
 from mmtune.faults import NonFiniteGuard, PreemptionCheckpoint
 from mmtune.metrics.records import RecordSet, SampleRecord, write_records
@@ -35,14 +36,16 @@ TASKS: Registry[type] = Registry("mmtune task")
 
 
 def standard_callbacks(monitor: MonitorSpec, trainer: Optional[L.Trainer] = None) -> list[Callback]:
-    """Best/last checkpoints and early stopping from the monitor spec, plus seeding, metrics.json, and
-    the fault handling of `mmtune.faults` (a stop at a NaN/inf loss or gradient, `last.ckpt` on
-    SIGTERM) with its defaults unless the trainer already has it (the CLI's `faults:` section).
+    """Best/last checkpoints (written crash-safely) and early stopping from the monitor spec, plus
+    seeding, the loader's position on resume, validation at a `max_steps` limit, metrics.json, and the
+    fault handling of `mmtune.faults` (a stop at a NaN/inf loss or gradient, `last.ckpt` on SIGTERM)
+    with its defaults unless the trainer already has it (the CLI's `faults:` section).
 
     `last.ckpt` has its own callback: since Lightning 2.6 a `save_last=True` checkpoint is only
     rewritten when the top-k one is, so it would go stale whenever the metric stops improving.
     """
-    callbacks: list[Callback] = [StepSeed(), ResumeLoaderPosition(), RunSummary()]
+    callbacks: list[Callback] = [StepSeed(), ResumeLoaderPosition(), ValidateAtStepLimit(), RunSummary(),
+                                 CrashSafeCheckpoints()]
     # Trainer(enable_checkpointing=False) leaves no ModelCheckpoint: honour it instead of adding ours.
     checkpointing = trainer is None or bool(trainer.checkpoint_callbacks)
     given = trainer.callbacks if trainer is not None else []

@@ -15,6 +15,7 @@ from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_traini
 from mmtune.data.text_batches import PromptCollator
 from mmtune.data.text_reading import Conversation, prompt_conversation
 from mmtune.errors import ConfigError
+from mmtune.files import atomic_write
 from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
 from mmtune.metrics.records import SampleRecord
 from mmtune.models.hf import (
@@ -236,8 +237,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         convs = [prompt_conversation(p, f"generation.prompts[{i}]") for i, p in enumerate(self.generation_spec.prompts)]
         texts = self.generate(convs)
         path = out / "samples" / f"step_{self.trainer.global_step}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
+        with atomic_write(path) as f:
             for conv, text in zip(convs, texts):
                 f.write(json.dumps({"step": self.trainer.global_step, "messages": conv.messages, "generation": text}) + "\n")
 
@@ -281,8 +281,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
             return
         target = Path(self.hparams.predictions_file or str((out or Path(".")) / "predictions.jsonl"))
         prompts = self.trainer.predict_dataloaders.dataset.convs
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w") as f:
+        with atomic_write(target) as f:
             for i in sorted(rows):
                 f.write(json.dumps({"origin": prompts[i].origin, "messages": prompts[i].messages, "generation": rows[i]}) + "\n")
         rank_zero_info(f"[mmtune] wrote {len(rows)} generations to {target}")

@@ -14,6 +14,7 @@ from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_traini
 from mmtune.data.samplers import stratified_sample
 from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
+from mmtune.files import atomic_write
 from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
 from mmtune.metrics.records import SampleRecord
 from mmtune.metrics.text import text_metrics, vqa_accuracy
@@ -334,8 +335,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
             target = (out or Path(".")) / "predictions" / f"val_step_{self.trainer.global_step}.jsonl"
         else:
             target = Path(self.hparams.predictions_file or (out or Path(".")) / "predictions.jsonl")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w") as f:
+        with atomic_write(target) as f:
             for r in rows:
                 answer_type = r.meta.get("answer_type")
                 f.write(json.dumps({"id": r.id, "reference": r.target, "prediction": r.prediction,
