@@ -1,5 +1,5 @@
 """Runs the seeded fuzz cases of `tests/test_fuzz_inputs.py` and prints the outcome counts per reader
-(the table in `docs/reliability_fuzz.md`), then every defect with its case.
+(the table in `docs/reliability.md`), then every defect with its case.
 
     PYTHONPATH=. python tools/fuzz_inputs.py [--all]   # --all also lists every case's outcome
 """
