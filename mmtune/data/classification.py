@@ -151,11 +151,16 @@ class ImageClassificationData(L.LightningDataModule):
             self.splits["predict"] = self._checked(read_image_labels(self.predict_path, self.columns, self.label_separator))
         write_skipped(self.trainer, [(self._skipped_paths[o], reason) for o, reason in self.skipped.items()],
                       "skipped_images.csv", "path")
+
+    def teardown(self, stage: Optional[str] = None) -> None:
         self._write_stats()
 
     def _write_stats(self) -> None:
         """`data_stats.json` in the run directory: each split's size and class counts, and how many
-        images were skipped (the run report's data summary reads it)."""
+        images were skipped (the run report's data summary reads it).
+
+        Written at teardown, once the verb has run, not at setup: a fit whose checkpoint turns out not
+        to fit the model fails after setup, and must leave no run folder behind."""
         trainer = self.trainer
         if trainer is None:
             return
