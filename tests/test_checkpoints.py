@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import yaml
 
 from conftest import only_version, run_cli, write_config
+from support.killer import fit_process, with_callback
 from mmtune import AdapterSpec, ImageClassificationData, ImageClassificationTask, ModelSpec, MonitorSpec
 
-TESTS = Path(__file__).parent
 
 
 def _fit(tmp_path, model: ModelSpec, adapter: AdapterSpec, data: Path, epochs=2) -> tuple[ImageClassificationTask, L.Trainer]:
@@ -121,17 +117,13 @@ def test_resume_after_kill_reaches_the_same_metrics(tmp_path, tiny_models, color
     expected = json.loads((only_version(runs, "straight") / "metrics.json").read_text())["fit"]
 
     resumable = write_config(tmp_path / "resumable.yaml", tiny_models["vit"], color_set, **common)
-    killing = yaml.safe_load(resumable.read_text())
-    killing["trainer"]["callbacks"] = [{"class_path": "support.killer.KillAtEpoch", "init_args": {"epoch": 2}}]
-    (tmp_path / "killing.yaml").write_text(yaml.safe_dump(killing))
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    base = [sys.executable, "-m", "mmtune", "fit", "--runs_dir", str(runs), "--run_name", "resumable"]
-    killed = subprocess.run(base + ["--config", str(tmp_path / "killing.yaml")], env=env, capture_output=True, text=True)
+    killing = with_callback(resumable, tmp_path / "killing.yaml", "support.killer.KillAtEpoch", epoch=2)
+    killed = fit_process(runs, "resumable", "--config", killing)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run = only_version(runs, "resumable")
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
 
-    resumed = subprocess.run(base + ["--config", str(resumable), "--ckpt_path", "last"], env=env, capture_output=True, text=True)
+    resumed = fit_process(runs, "resumable", "--config", resumable, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert only_version(runs, "resumable") == run  # resumed in place
     got = json.loads((run / "metrics.json").read_text())["fit"]

@@ -6,9 +6,6 @@ and saves, and a misspelled `timm:` name gets suggestions."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ import torch
 import yaml
 
 from conftest import only_version, run_cli, write_config
+from support.killer import fit_process, with_callback
 
-TESTS = Path(__file__).parent
 
 
 def _rows(path: Path) -> list[dict]:
@@ -86,19 +83,14 @@ def test_resume_after_kill_appends_to_metrics_csv(tmp_path, tiny_models, color_s
     expected = _train_rows(only_version(runs, "straight") / "metrics.csv")
 
     resumable = _lora(tmp_path, tiny_models["vit"], color_set, "resumable", epochs=3, **trainer)
-    killing = yaml.safe_load(resumable.read_text())
-    killing["trainer"]["callbacks"] = [{"class_path": "support.killer.KillAtEpoch", "init_args": {"epoch": 2}}]
-    (tmp_path / "killing.yaml").write_text(yaml.safe_dump(killing))
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    base = [sys.executable, "-m", "mmtune", "fit", "--runs_dir", str(runs), "--run_name", "resumable"]
-    killed = subprocess.run(base + ["--config", str(tmp_path / "killing.yaml")], env=env, capture_output=True, text=True)
+    killing = with_callback(resumable, tmp_path / "killing.yaml", "support.killer.KillAtEpoch", epoch=2)
+    killed = fit_process(runs, "resumable", "--config", killing)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run = only_version(runs, "resumable")
     logged = _rows(run / "metrics.csv")  # flushed at each checkpoint, so a kill loses no epoch before it
     assert {r["epoch"] for r in logged if r.get("val/loss")} == {"0", "1"}
 
-    resumed = subprocess.run(base + ["--config", str(resumable), "--ckpt_path", "last"], env=env, capture_output=True,
-                             text=True)
+    resumed = fit_process(runs, "resumable", "--config", resumable, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = _train_rows(run / "metrics.csv")
     assert [r[:3] for r in got] == [r[:3] for r in expected]  # every epoch, each row once

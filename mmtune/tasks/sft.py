@@ -208,7 +208,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def _finish_eval(self, stage: str) -> None:
+    def _finish_evaluation(self, stage: str) -> None:
         """Gathers the split's per-sample records from every process (each sample once, whatever a
         distributed sampler repeated), publishes them at test and logs the metrics they give."""
         mine, self._eval_records = self._eval_records, []
@@ -228,7 +228,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         self.log(f"{stage}/perplexity", torch.exp(loss.clamp(max=50)).float())
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
+        self._finish_evaluation("val")
         if self.trainer.sanity_checking or not self.generation_spec.prompts:
             return
         out = common.run_dir(self.trainer)
@@ -242,7 +242,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
                 f.write(json.dumps({"step": self.trainer.global_step, "messages": conv.messages, "generation": text}) + "\n")
 
     def on_test_epoch_end(self) -> None:
-        self._finish_eval("test")
+        self._finish_evaluation("test")
 
     # ---- generation ----------------------------------------------------------------------------------
     @torch.no_grad()

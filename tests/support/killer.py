@@ -47,3 +47,29 @@ class KillDuringSave(Callback):
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = save
+
+
+def with_callback(config, out, class_path: str, **init_args):
+    """A copy of the YAML `config` at `out` whose trainer also runs the callback `class_path`."""
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load(Path(config).read_text())
+    data["trainer"]["callbacks"] = [{"class_path": class_path, "init_args": init_args}]
+    Path(out).write_text(yaml.safe_dump(data))
+    return Path(out)
+
+
+def fit_process(runs, run_name: str, *args: str, env=None):
+    """`mmtune fit --runs_dir runs --run_name run_name *args` in a child process that can import the
+    tests' callbacks (`support.*`); returns the finished process (its returncode is -9 when killed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent.parent)
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = f"{tests}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    cmd = [sys.executable, "-m", "mmtune", "fit", "--runs_dir", str(runs), "--run_name", run_name, *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
