@@ -29,6 +29,7 @@ from mmtune.errors import ConfigError
 from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.faults import FaultSpec, fault_callbacks, slurm_requeued
+from mmtune.models.hub import names_hub_models, offline_unless_reachable
 from mmtune.progress import progress_bar
 from mmtune.quiet import is_verbose, quiet_terminal
 from mmtune.run_summary import RunSummary
@@ -286,6 +287,8 @@ class MMTuneCLI(LightningCLI):
             run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        if names_hub_models(cfg):  # one connection attempt, then offline: no retry loop before the error
+            offline_unless_reachable()
         self._resume_step: Optional[int] = None  # the global step a fit resumes its own run from
         if cfg.ckpt_path:
             # Read safely before anything is built, so a refused file gets a one-line error naming it
