@@ -33,7 +33,7 @@ from mmtune.models.hub import names_hub_models, offline_unless_reachable
 from mmtune.progress import progress_bar
 from mmtune.quiet import is_verbose, quiet_terminal
 from mmtune.run_summary import RunSummary
-from mmtune.run_directory import RunConfigCallback, RunCSVLogger, RunTensorBoardLogger
+from mmtune.run_directory import RunConfigCallback, allow_mlflow_file_store, run_loggers
 from mmtune.tasks.common import read_checkpoint
 
 log = logging.getLogger("mmtune")
@@ -287,6 +287,7 @@ class MMTuneCLI(LightningCLI):
             run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        allow_mlflow_file_store(cfg.get("trainer"))
         if names_hub_models(cfg):  # one connection attempt, then offline: no retry loop before the error
             offline_unless_reachable()
         self._resume_step: Optional[int] = None  # the global step a fit resumes its own run from
@@ -318,16 +319,7 @@ class MMTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         run_dir = self.run_dir
-        # Only fit logs curves; evaluation verbs write metrics.json, confusion matrices and predictions
-        # into the run directory, and a logger there would replace the fit's metrics.csv.
-        if self.subcommand != "fit" and trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = False
-        elif trainer_cfg.get("logger") in (None, True):
-            save_dir, name = str(run_dir.parent.parent), run_dir.parent.name
-            number = re.fullmatch(r"version_(\d+)", run_dir.name)
-            version = int(number.group(1)) if number else run_dir.name  # an int shows as v_num in the progress bar
-            kwargs["logger"] = [RunCSVLogger(save_dir, name=name, version=version, resume_step=self._resume_step),
-                                RunTensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
+        kwargs["logger"] = run_loggers(trainer_cfg.get("logger"), run_dir, self.subcommand == "fit", self._resume_step)
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
             kwargs["default_root_dir"] = str(run_dir)
         if trainer_cfg.get("max_epochs") is None:  # mmtune's default; a max_steps alone ends the fit by steps
