@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 VERBOSE_ENV = "MMTUNE_VERBOSE"
@@ -26,6 +27,13 @@ NOISY_WARNINGS = (
     r"Experiment logs directory .* exists and is not empty",  # the run folder is mmtune's, made before the logger
     r"The `srun` command is available on your system but is not used",
 )
+
+# log records of libraries mmtune imports (peft pulls in bitsandbytes and torchao), said at import time
+# and about the libraries' own optional parts: logger name -> message pattern
+NOISY_LOGS = {
+    "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward from kernels-community",
+    "torch.utils._pytree": r".*is an Enum subclass and is now natively supported by torch.compile",
+}
 
 # Lightning info lines kept in the quiet mode
 _KEPT_INFO = ("[mmtune]", "`Trainer.fit` stopped")
@@ -49,6 +57,15 @@ class _QuietFilter(logging.Filter):
 _FILTER = _QuietFilter()
 
 
+class _PatternFilter(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_verbose() or not self.pattern.match(str(record.getMessage()))
+
+
 def quiet_terminal() -> None:
     """Installs the filters (idempotent); with MMTUNE_VERBOSE set it changes nothing."""
     if is_verbose():
@@ -62,6 +79,10 @@ def quiet_terminal() -> None:
         for handler in logger.handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
+    for name, pattern in NOISY_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PatternFilter) for f in logger.filters):
+            logger.addFilter(_PatternFilter(pattern))
     # Library progress bars (datasets' "Generating train split", hub downloads); read when the libraries
     # are imported, so set before. A user's own setting wins.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
