@@ -99,3 +99,13 @@ def test_unreachable_hub_fails_at_once(tmp_path, color_set, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "could not fetch pretrained weights for 'timm:vit_tiny_patch16_224'" in err and "Retry" not in err
     assert elapsed < 5, elapsed
+
+
+def test_every_config_says_whether_it_needs_a_network():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert re.match(r"# network: (none|needs) ", first), path
