@@ -26,6 +26,8 @@ NOISY_WARNINGS = (
     r".*`training_step` returned `None`",  # a skipped non-finite batch (faults.on_nonfinite: skip) is counted
     r"Experiment logs directory .* exists and is not empty",  # the run folder is mmtune's, made before the logger
     r"The `srun` command is available on your system but is not used",
+    r"The dirpath has changed from .* won't be reloaded",  # a fit from another run's checkpoint is a new run
+
 )
 
 # log records of libraries mmtune imports (peft pulls in bitsandbytes and torchao), said at import time
@@ -91,8 +93,8 @@ def quiet_terminal() -> None:
 
     if "datasets" in sys.modules:  # already imported in this process (tests, notebooks)
         sys.modules["datasets"].disable_progress_bars()
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "huggingface_hub.utils" in sys.modules:
+        sys.modules["huggingface_hub.utils"].disable_progress_bars()
 
 
 def quiet_gguf_bar() -> None:

@@ -81,8 +81,9 @@ def test_max_steps_alone_ends_the_fit_by_steps(tmp_path, tiny_models, color_set)
     assert state["global_step"] == 9  # 4 batches an epoch: the fit went past epoch 2 to step 9
 
 
-def test_unreachable_hub_fails_at_once(tmp_path, color_set, capsys, monkeypatch):
-    import huggingface_hub
+@pytest.fixture()
+def unreachable_hub(monkeypatch):
+    import huggingface_hub.constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -90,14 +91,36 @@ def test_unreachable_hub_fails_at_once(tmp_path, color_set, capsys, monkeypatch)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # never resolves, with or without a network
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
+
+
+def test_unreachable_hub_fails_at_once_through_the_cli(tmp_path, color_set, capsys, caplog, unreachable_hub):
     cfg = write_config(tmp_path / "hub.yaml", "timm:vit_tiny_patch16_224", color_set)
-    start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", "--config", cfg, "--runs_dir", tmp_path / "runs")
-    elapsed = time.perf_counter() - start
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "could not fetch pretrained weights for 'timm:vit_tiny_patch16_224'" in err and "Retry" not in err
+    assert any("cannot be reached" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unreachable_hub_name_fails_in_seconds(unreachable_hub):
+    """The issue's figure: under 5 s from the first hub request to the error (it was 58 s of retries on
+    this machine). Timed without the imports, which are the same with or without a network."""
+    import huggingface_hub.file_download  # noqa: F401
+    import timm  # noqa: F401
+    import torchvision  # noqa: F401
+
+    from mmtune.errors import ModelError
+    from mmtune.models.hub import offline_unless_reachable
+    from mmtune.models.vision import build_classifier
+    from mmtune.specs import ModelSpec
+
+    start = time.perf_counter()
+    assert offline_unless_reachable() is True
+    with pytest.raises(ModelError, match="could not fetch pretrained weights"):
+        build_classifier(ModelSpec(name="timm:test_vit"), 3)  # tiny: the time is the hub's
+    elapsed = time.perf_counter() - start
     assert elapsed < 5, elapsed
 
 

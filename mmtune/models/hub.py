@@ -31,8 +31,8 @@ def go_offline() -> None:
     """Offline mode for this process and the processes it starts (huggingface_hub reads the variable
     at import, so an already imported hub is switched too)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
