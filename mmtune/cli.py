@@ -287,7 +287,11 @@ class MMTuneCLI(LightningCLI):
             run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
-        allow_mlflow_file_store(cfg.get("trainer"))
+        trainer = cfg.get("trainer")
+        if trainer is not None and trainer.get("max_epochs") is None:
+            # mmtune's default, written into the saved config.yaml; a max_steps alone ends the fit by steps
+            trainer.max_epochs = -1 if (trainer.get("max_steps") or -1) > 0 else DEFAULT_MAX_EPOCHS
+        allow_mlflow_file_store(trainer)
         if names_hub_models(cfg):  # one connection attempt, then offline: no retry loop before the error
             offline_unless_reachable()
         self._resume_step: Optional[int] = None  # the global step a fit resumes its own run from
@@ -322,8 +326,6 @@ class MMTuneCLI(LightningCLI):
         kwargs["logger"] = run_loggers(trainer_cfg.get("logger"), run_dir, self.subcommand == "fit", self._resume_step)
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
             kwargs["default_root_dir"] = str(run_dir)
-        if trainer_cfg.get("max_epochs") is None:  # mmtune's default; a max_steps alone ends the fit by steps
-            kwargs["max_epochs"] = -1 if (trainer_cfg.get("max_steps") or -1) > 0 else DEFAULT_MAX_EPOCHS
         if trainer_cfg.get("enable_model_summary") is None and not is_verbose():
             kwargs["enable_model_summary"] = False  # the start-of-run summary says it in three lines
         given = trainer_cfg.get("callbacks") or []

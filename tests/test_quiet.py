@@ -79,6 +79,10 @@ def test_max_steps_alone_ends_the_fit_by_steps(tmp_path, tiny_models, color_set)
 
     state = torch.load(only_version(tmp_path / "runs", "steps") / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 9  # 4 batches an epoch: the fit went past epoch 2 to step 9
+    import yaml
+
+    saved = yaml.safe_load((only_version(tmp_path / "runs", "steps") / "config.yaml").read_text())
+    assert saved["trainer"]["max_epochs"] == -1 and saved["trainer"]["max_steps"] == 9  # what ran, recorded
 
 
 @pytest.fixture()
