@@ -15,25 +15,41 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import mmtune
+from mmtune.cli_errors import one_line, parser_keys, with_list_brackets
 from mmtune.errors import ConfigError
 from mmtune.evaluation.retention.spec import RetentionSpec, as_retention_spec
 from mmtune.evaluation.spec import EvaluationSpec
 from mmtune.faults import FaultSpec, fault_callbacks, slurm_requeued
-from mmtune.run_directory import RunConfigCallback, RunCSVLogger, RunTensorBoardLogger
+from mmtune.models.hub import names_hub_models, offline_unless_reachable
+from mmtune.progress import progress_bar
+from mmtune.quiet import is_verbose, quiet_terminal
+from mmtune.run_summary import RunSummary
+from mmtune.run_directory import RunConfigCallback, allow_mlflow_file_store, run_loggers
 from mmtune.tasks.common import read_checkpoint
 
 log = logging.getLogger("mmtune")
 mmtune.import_public_api()  # Lightning's short class_path names and the task registry need every class
 
 RUN_DIR_ENV = "MMTUNE_RUN_DIR"  # rank 0 passes its run directory to the processes it launches
+DEFAULT_MAX_EPOCHS = 20  # when neither trainer.max_epochs nor trainer.max_steps is set
 CKPT_ALIASES = {"last": "last.ckpt", "best": "best.ckpt"}
+CKPT_PATH_HELP = {
+    "fit": "Resume a fit. `last`: the newest runs_dir/run_name/version_*/checkpoints/last.ckpt, resumed in "
+           "its own run folder (logs appended); `best`: that run's best.ckpt; a file: restored from it (a "
+           "new version_N unless it is this run name's own checkpoint). Read with weights_only=True.",
+    "score": "The checkpoint to score. `best` / `last`: best.ckpt / last.ckpt of the newest "
+             "runs_dir/run_name/version_* that has one (outputs go into that run folder); or a .ckpt file "
+             "(outputs beside it when it sits in a run's checkpoints/). Read with weights_only=True.",
+}
 
 
 def _versions(base: Path) -> list[int]:
@@ -44,6 +60,45 @@ def _versions(base: Path) -> list[int]:
 
 def _is_child_process() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0
+
+
+class _BracketedRetry(Exception):
+    def __init__(self, argv: list[str]) -> None:
+        super().__init__("retry")
+        self.argv = argv
+
+
+class MMTuneArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors are one line naming the key (and the nearest real key for a
+    misspelled one) instead of the usage and jsonargparse's tree of union alternatives; `--help` still
+    prints the usage. The line is raised as a ConfigError, which `mmtune.entry.main` prints (exit 2)."""
+
+    _argv: Optional[list[str]] = None
+
+    def parse_args(self, args=None, *rest, **kwargs):
+        """Parses; a bare comma list given to a list or tuple flag (`--split 0.6,0.1,0.3`) is read as
+        `[0.6,0.1,0.3]` (`cli_errors.with_list_brackets`)."""
+        if args is not None and not isinstance(args, (list, tuple)):
+            return super().parse_args(args, *rest, **kwargs)
+        self._argv = list(sys.argv[1:] if args is None else args)
+        for _ in range(len(self._argv) + 1):
+            try:
+                return super().parse_args(self._argv, *rest, **kwargs)
+            except _BracketedRetry as retry:
+                self._argv = retry.argv
+        return super().parse_args(self._argv, *rest, **kwargs)
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        if not self.exit_on_error:  # a parser jsonargparse builds inside (a class_path's, a union's try)
+            return super().error(message, ex)
+        retry = with_list_brackets(message, self._argv) if self._argv is not None else None
+        if retry is not None:
+            raise _BracketedRetry(retry)
+        parsers = [self, *getattr(self._subcommands_action, "_name_parser_map", {}).values()]
+        if getattr(ex, "subcommand_parser", None) is not None:
+            parsers.insert(0, ex.subcommand_parser)
+        known = [key for parser in parsers for key in parser_keys(parser)]
+        raise ConfigError(one_line(message, known)) from None
 
 
 class MMTuneCLI(LightningCLI):
@@ -70,6 +125,13 @@ class MMTuneCLI(LightningCLI):
         parser.add_dataclass_arguments(EvaluationSpec, "evaluation")
         parser.add_dataclass_arguments(RetentionSpec, "retention")
         parser.add_dataclass_arguments(FaultSpec, "faults")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:
+            if action.dest == "ckpt_path":  # Lightning's text describes its own keywords, not mmtune's
+                action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "score"]
+        return parser
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         """LightningCLI's subcommands, plus `evaluate`, whose arguments come from `MMTuneCLI.evaluate`
@@ -225,6 +287,13 @@ class MMTuneCLI(LightningCLI):
             run_dir = base / f"version_{(_versions(base) or [-1])[-1] + 1}"
         os.environ[RUN_DIR_ENV] = str(run_dir)
         self.run_dir = run_dir
+        trainer = cfg.get("trainer")
+        if trainer is not None and trainer.get("max_epochs") is None:
+            # mmtune's default, written into the saved config.yaml; a max_steps alone ends the fit by steps
+            trainer.max_epochs = -1 if (trainer.get("max_steps") or -1) > 0 else DEFAULT_MAX_EPOCHS
+        allow_mlflow_file_store(trainer)
+        if names_hub_models(cfg):  # one connection attempt, then offline: no retry loop before the error
+            offline_unless_reachable()
         self._resume_step: Optional[int] = None  # the global step a fit resumes its own run from
         if cfg.ckpt_path:
             # Read safely before anything is built, so a refused file gets a one-line error naming it
@@ -254,26 +323,24 @@ class MMTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         run_dir = self.run_dir
-        # Only fit logs curves; evaluation verbs write metrics.json, confusion matrices and predictions
-        # into the run directory, and a logger there would replace the fit's metrics.csv.
-        if self.subcommand != "fit" and trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = False
-        elif trainer_cfg.get("logger") in (None, True):
-            save_dir, name = str(run_dir.parent.parent), run_dir.parent.name
-            number = re.fullmatch(r"version_(\d+)", run_dir.name)
-            version = int(number.group(1)) if number else run_dir.name  # an int shows as v_num in the progress bar
-            kwargs["logger"] = [RunCSVLogger(save_dir, name=name, version=version, resume_step=self._resume_step),
-                                RunTensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False)]
+        kwargs["logger"] = run_loggers(trainer_cfg.get("logger"), run_dir, self.subcommand == "fit", self._resume_step)
         if trainer_cfg.get("default_root_dir") in (None, os.getcwd()):
             kwargs["default_root_dir"] = str(run_dir)
+        if trainer_cfg.get("enable_model_summary") is None and not is_verbose():
+            kwargs["enable_model_summary"] = False  # the start-of-run summary says it in three lines
+        given = trainer_cfg.get("callbacks") or []
+        given = list(given if isinstance(given, list) else [given])
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            given.append(progress_bar())
+        if self.subcommand == "fit":
+            given.append(RunSummary(run_dir))
         if self.subcommand == "fit":  # forgetting checks: scored before and after fine-tuning
             from mmtune.evaluation.retention import retention_callbacks
 
             extra = retention_callbacks(as_retention_spec(self._get(self.config_init, "retention")))
             extra += fault_callbacks(self._fault_spec())  # NaN/inf guard, last.ckpt on SIGTERM
-            if extra:
-                given = trainer_cfg.get("callbacks") or []
-                kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *extra]
+            given += extra
+        kwargs["callbacks"] = given
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": self._config_filename()}
         trainer = super().instantiate_trainer(**kwargs)
         # First, so the loggers are open before any other callback's on_fit_start logs to them.
@@ -285,11 +352,12 @@ class MMTuneCLI(LightningCLI):
 def run_lightning(argv: Optional[list[str]] = None) -> None:
     """The Lightning verbs (fit, validate, test, predict, evaluate) through `MMTuneCLI`; `argv=None`
     reads the shell's arguments. `mmtune.entry.main` dispatches here and prints mmtune's errors."""
+    quiet_terminal()
     MMTuneCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         seed_everything_default=42, auto_configure_optimizers=False, args=argv,
-        save_config_callback=RunConfigCallback, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"max_epochs": 20, "log_every_n_steps": 10},
+        save_config_callback=RunConfigCallback, parser_class=MMTuneArgumentParser, parser_kwargs={"prog": "mmtune"}, save_config_kwargs={"overwrite": True},
+        trainer_defaults={"log_every_n_steps": 10},
     )
 
 

@@ -8,11 +8,14 @@ verbs (fit, validate, test, predict, evaluate) are handed to `mmtune.cli`, which
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from mmtune.cli_errors import parse_or_explain
 from mmtune.errors import ConfigError, MMTuneError
+from mmtune.quiet import VERBOSE_ENV, quiet_terminal
 
 # verb -> one line; the order is the order of work
 VERBS = {
@@ -36,7 +39,9 @@ def overview() -> str:
              "Fine-tune image classifiers, vision-language models, image-text aligners and LLMs with one tool.", "",
              "verbs:"]
     lines += [f"  {verb.ljust(width)}  {text}" for verb, text in VERBS.items()]
-    lines += ["", "examples:",
+    lines += ["", "options of every verb:",
+              "  --verbose  also show Lightning's and the libraries' own messages, warnings and progress bars",
+              "", "examples:",
               "  mmtune fit      --config configs/classification/vit_lora.yaml",
               "  mmtune test     --config configs/classification/vit_lora.yaml --ckpt_path best",
               "  mmtune evaluate --config configs/classification/vit_lora.yaml --ckpt_path best --baseline base",
@@ -60,7 +65,7 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--trust_remote_code", type=bool, default=False,
                         help="Allow a checkpoint whose model sets trust_remote_code: true (runs code from the model "
                              "folder or hub; only for checkpoints and models you trust)")
-    args = parser.parse_args(argv)
+    args = parse_or_explain(parser, argv)
     from mmtune.evaluation.model_card import write_model_card
     from mmtune.tasks.common import load_task
 
@@ -83,7 +88,7 @@ def report(argv: list[str]) -> None:
     parser = ArgumentParser(prog="mmtune report", description=VERBS["report"] + " (config, metrics, curves, "
                             "test records, comparisons)")
     parser.add_argument("run_dir", type=str, help="A run directory, e.g. runs/<name>/version_0")
-    args = parser.parse_args(argv)
+    args = parse_or_explain(parser, argv)
     from mmtune.evaluation.report import build_report
 
     built = build_report(Path(args.run_dir))
@@ -113,6 +118,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the `mmtune` console script (and of `python -m mmtune`)."""
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = take_verbose(argv)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # also read by processes a DDP launch starts
+        if from_shell:
+            sys.argv = [sys.argv[0], *argv]
     try:
         if not argv or argv[0] in ("-h", "--help"):
             print(overview())
@@ -123,6 +133,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"mmtune {__version__}")
             return
         if argv[0] in PLAIN_VERBS:
+            quiet_terminal()
             PLAIN_VERBS[argv[0]](argv[1:])
             return
         if argv[0] not in LIGHTNING_VERBS and not argv[0].startswith("-"):
@@ -140,6 +151,19 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         print(f"mmtune: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def take_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """`argv` without mmtune's bare `--verbose` flag, and whether it was there. A `--verbose true/false`
+    is left alone: that is Lightning's own option of `test` and `validate` (print the result table)."""
+    kept, verbose = [], False
+    for i, arg in enumerate(argv):
+        following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+        if arg == "--verbose" and following not in ("true", "false", "yes", "no", "1", "0"):
+            verbose = True
+        else:
+            kept.append(arg)
+    return kept, verbose
 
 
 def user_error_of(err: BaseException) -> Optional[MMTuneError]:

@@ -57,6 +57,36 @@ def atomic_write(path: Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
             tmp.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so it is never changed, even briefly)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(root: Path) -> None:
+    """Gives every file and folder under `root` the permissions a plain `open()` / `mkdir` would
+    (0644 / 0755 under umask 022; executables keep their x bits).
+
+    Why: libraries that write atomically themselves create private temporary files (safetensors
+    0.8's `save_file` leaves `model.safetensors` at 0600, like `tempfile.mkstemp`), so an export
+    came out readable by its owner only, unlike every other file of the folder."""
+    mask = current_umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        executable = path.is_dir() or mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` to write into; it becomes `out` once everything is written.
@@ -72,6 +102,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        normal_permissions(tmp)
         if out.exists():
             old = _temporary_name(out)
             os.replace(out, old)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from typing import Any, Optional
 
 import lightning as L
@@ -167,3 +168,69 @@ class RunConfigCallback(SaveConfigCallback):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open(trainer, pl_module)
+
+
+class RunDirLogger(CSVLogger):
+    """A logger that writes nothing and only points Lightning at the run directory.
+
+    Lightning takes `trainer.log_dir` (where mmtune writes metrics.json, records, reports) and the
+    checkpoint folder from the first logger: an evaluation verb given the user's own logger (MLflow,
+    W&B) puts this one first, so those outputs stay in the run folder while the metrics also go to the
+    user's tracker. A CSVLogger by type, so Lightning reads its `log_dir` (the run folder itself)."""
+
+    def __init__(self, save_dir: str, name: str, version) -> None:
+        super().__init__(save_dir, name=name, version=version)
+
+    @property
+    def experiment(self):
+        return _DummyExperiment()
+
+    def log_hyperparams(self, params=None, *args, **kwargs) -> None:
+        return None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        return None
+
+    def save(self) -> None:
+        return None
+
+    def finalize(self, status: str) -> None:
+        return None
+
+
+def run_loggers(configured, run_dir, fit: bool, resume_step: Optional[int] = None):
+    """The loggers of a verb: mmtune's run-directory ones first (Lightning takes the run folder, where
+    checkpoints and metrics.json go, from the first logger), then the user's `trainer.logger` ones
+    (MLflow, W&B, a TensorBoard elsewhere, ...) beside them; `false` turns logging off.
+
+    Only fit logs curves into the run folder: evaluation verbs write metrics.json, confusion matrices
+    and predictions there, and a CSV logger would add their rows to the fit's metrics.csv; their
+    metrics go to the user's loggers only (behind a `RunDirLogger` that keeps the run folder)."""
+    if configured is False:
+        return False
+    given = [] if configured in (None, True) else list(configured) if isinstance(configured, (list, tuple)) \
+        else [configured]
+    save_dir, name = str(run_dir.parent.parent), run_dir.parent.name
+    number = re.fullmatch(r"version_(\d+)", run_dir.name)
+    version = int(number.group(1)) if number else run_dir.name  # an int shows as v_num in the progress bar
+    if not fit:
+        return [RunDirLogger(save_dir, name=name, version=version), *given] if given else False
+    ours = [RunCSVLogger(save_dir, name=name, version=version, resume_step=resume_step)]
+    if not any(isinstance(logger, TensorBoardLogger) for logger in given):
+        ours.append(RunTensorBoardLogger(save_dir, name=name, version=version, default_hp_metric=False))
+    return [*ours, *given]
+
+
+def allow_mlflow_file_store(trainer_cfg) -> None:
+    """MLflow 3 refuses its file store (`file:./mlruns`, also its default) unless
+    MLFLOW_ALLOW_FILE_STORE is set, although it still reads and writes it; a config that chose an
+    MLFlowLogger with a file store gets the opt-out (a user's own setting wins). Called before the
+    logger is built."""
+    loggers = (trainer_cfg or {}).get("logger") if hasattr(trainer_cfg, "get") else None
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("MLFlowLogger"):
+            continue
+        init = logger.get("init_args") or {}
+        uri = str((init.get("tracking_uri") if hasattr(init, "get") else None) or os.environ.get("MLFLOW_TRACKING_URI", "file:"))
+        if uri.startswith("file:") or "://" not in uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

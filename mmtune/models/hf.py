@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mmtune.errors import ConfigError, ModelError
+from mmtune.quiet import quiet_gguf_bar
 from mmtune.registry import Registry
 from mmtune.specs import ModelSpec
 
@@ -158,6 +159,8 @@ def load_causal_lm(spec: ModelSpec, quantize: bool = True) -> nn.Module:
     kwargs = {k: v for k, v in spec.kwargs.items() if k != "gguf_file"}
     quant = quantization_config(spec) if quantize else None
     code = remote_code(spec)
+    if ref.gguf_file:
+        quiet_gguf_bar()  # transformers' de-quantisation bar, shown with --verbose only
     try:
         with refusing_custom_code(spec):
             if not spec.pretrained:

@@ -8,7 +8,6 @@ Parse errors become a ConfigError, which `mmtune.cli.main` prints as one line wi
 from __future__ import annotations
 
 import dataclasses
-from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from mmtune.data.align.pipeline import align_to_disk
 from mmtune.data.align.report import format_summary
 from mmtune.data.align.spec import AlignSpec
-from mmtune.errors import ConfigError
 
 
 def build_parser() -> ArgumentParser:
@@ -39,13 +37,9 @@ def parse_spec(argv: list[str]) -> tuple[AlignSpec, str]:
         ConfigError: an unknown option or key, a wrong type, a missing required option, or a config
             file that does not exist (the message is jsonargparse's, on one line).
     """
-    parser = build_parser()
-    try:
-        cfg = parser.parse_args(argv)
-        init = parser.instantiate(cfg)
-    except ArgumentError as err:
-        message = " ".join(str(err).split())
-        raise ConfigError(f"data align: {message} (see mmtune data align --help)") from None
+    from mmtune.cli_errors import parse_or_explain
+
+    cfg, init = parse_or_explain(build_parser(), argv, instantiate=True)
     spec = AlignSpec(**{f.name: init[f.name] for f in dataclasses.fields(AlignSpec)})
     return spec, cfg.out
 
