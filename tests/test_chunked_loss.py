@@ -132,3 +132,28 @@ def test_vlm_chunked_loss_equals_the_logits_loss(family, tmp_path_factory):
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_dpo_chunked_log_probabilities_equal_the_logits_ones(tiny_lms, method):
+    from mmtune.tasks.dpo import DPOTask
+
+    g = torch.Generator().manual_seed(2)
+    results = {}
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        task = DPOTask(ModelSpec(name=str(tiny_lms["llama"])), AdapterSpec(method=method), chunked_loss=chunked)
+        task.configure_model()
+        with torch.no_grad():  # move the policy off the reference so the preference terms are not trivial
+            for p in (p for p in task.net.parameters() if p.requires_grad):
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        g.manual_seed(2)
+        ids = torch.randint(0, 60, (4, 10), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": _labels((4, 10), 60, g)}
+        terms = task.loss_terms(batch)
+        terms["loss"].backward()
+        results[chunked] = ({k: v.detach() for k, v in terms.items()}, _grads(task))
+    for key, value in results[False][0].items():
+        torch.testing.assert_close(results[True][0][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-5, atol=1e-5, msg=name)

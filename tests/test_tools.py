@@ -50,3 +50,9 @@ def test_efficientnet_lite_weights_convert_to_timm(tmp_path):
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and model.num_classes == 4
     # real ImageNet weights, not a fresh init: BatchNorm statistics were learned
     assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+def test_bench_generate_quick_matches_plain_generate_and_keeps_the_training_state(one_torch_thread):
+    result = _load("bench_generate").main(["--quick"])
+    assert result["same_texts"] and result["tokens"] > 0 and result["training_state_kept"]
+    assert result["tokens_per_s"]["mmtune"] > 0 and result["tokens_per_s"]["plain"] > 0

@@ -43,8 +43,10 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def tiny_model(root: Path) -> Path:
-    """A 4-layer Llama (hidden 256) with a byte-level BPE tokenizer trained here and the ChatML template."""
+def tiny_model(root: Path, vocab_size: int | None = None, layers: int = 4, name: str = "tiny_llama") -> Path:
+    """A Llama (hidden 256) with a byte-level BPE tokenizer trained here and the ChatML template.
+    `vocab_size` pads the model's vocabulary beyond the tokenizer's (a 150k head costs what it would
+    with a real 150k tokenizer: the logits are as wide)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -60,10 +62,11 @@ def tiny_model(root: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATES.get("chatml")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=max(len(fast), vocab_size or 0), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                       eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, initializer_range=0.1)
-    out = root / "tiny_llama"
+    out = root / name
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     fast.save_pretrained(out)
     return out
@@ -88,13 +91,33 @@ def val_loss(model, tokenizer, val_rows: list[dict], max_length: int) -> float:
     return total / count
 
 
+def reset_peak_rss() -> None:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux: `clear_refs` value 5), so the
+    peak read at the end of training is the training's own, not the model loading's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    """`VmHWM` (peak RSS since the last reset) or `VmRSS` (now) of this process in MB (0 where unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def token_counter():
     """A Lightning callback counting non-padding tokens of mmtune's training batches and timing the
     training loop (from its start to its end: data reading and tokenization are outside, as for TRL)."""
     import lightning as L
 
     class Counter(L.Callback):
-        tokens, start, seconds = 0, 0.0, 0.0
+        tokens, start, seconds, peak_rss, rss_start = 0, 0.0, 0.0, 0.0, 0.0
 
         def __init__(self):
             self.losses = []
@@ -103,6 +126,8 @@ def token_counter():
             self.losses.append(float(outputs["loss"]))
 
         def on_train_start(self, trainer, module):
+            reset_peak_rss()
+            self.rss_start = rss_mb("VmRSS")
             self.start = time.perf_counter()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -110,6 +135,7 @@ def token_counter():
 
         def on_train_end(self, trainer, module):
             self.seconds = time.perf_counter() - self.start
+            self.peak_rss = rss_mb()
 
     return Counter()
 
@@ -140,7 +166,7 @@ def run_mmtune(model_dir: str, train: Path, val_rows: list[dict], args, packing:
     trainer.fit(task, datamodule=dm)
     seconds = counter.seconds
     return {"tokens": counter.tokens, "seconds": seconds, "tokens_per_s": counter.tokens / seconds, "lora_init": init,
-            "train_losses": counter.losses,
+            "train_losses": counter.losses, "peak_rss_mb": counter.peak_rss, "rss_start_mb": counter.rss_start,
             "val_loss": val_loss(task.net, task.tokenizer, val_rows, args.max_length)}
 
 
@@ -170,12 +196,16 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
 
         def __init__(self):
             self.last, self.start, self.seconds, self.losses = 0, 0.0, 0.0, []
+            self.peak_rss = self.rss_start = 0.0
 
         def on_train_begin(self, a, state, control, **kw):
+            reset_peak_rss()
+            self.rss_start = rss_mb("VmRSS")
             self.start = time.perf_counter()
 
         def on_train_end(self, a, state, control, **kw):
             self.seconds = time.perf_counter() - self.start
+            self.peak_rss = rss_mb()
 
         def on_log(self, a, state, control, logs=None, **kw):
             self.last = (logs or {}).get("num_tokens", self.last)
@@ -188,7 +218,7 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
     trainer.train()
     seconds = tokens.seconds
     return {"tokens": int(tokens.last), "seconds": seconds, "tokens_per_s": tokens.last / seconds, "lora_init": init,
-            "train_losses": tokens.losses,
+            "train_losses": tokens.losses, "peak_rss_mb": tokens.peak_rss, "rss_start_mb": tokens.rss_start,
             "val_loss": val_loss(trainer.model, tokenizer, val_rows, args.max_length)}
 
 

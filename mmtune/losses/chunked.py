@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmtune.data.text_tokens import IGNORE
 
-CHUNK_ELEMENTS = 2 ** 25  # logits per chunk: 128 MB in float32 (220 tokens at a 150k vocabulary)
+CHUNK_ELEMENTS = 2 ** 24  # logits per chunk: 64 MB in float32 (110 tokens at a 150k vocabulary)
 
 
 def chunk_tokens(vocab_size: int) -> int:

@@ -29,6 +29,7 @@ from mmtune.models.hf import (
     stop_token_ids,
     vocabulary_fingerprint,
 )
+from mmtune.models.generation import generation_mode
 from mmtune.models.lm_head import SplitHead, hidden_states, split_head
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
@@ -278,22 +279,21 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
     @torch.no_grad()
     def _generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         spec = self.generation_spec
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.do_sample else dict(do_sample=False)
+        sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.do_sample else dict(do_sample=False)
+        with generation_mode(self.net):  # eval, KV cache on, checkpointing off; training state restored after
             out = self.net.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                     max_new_tokens=spec.max_new_tokens, eos_token_id=stop_token_ids(self.tokenizer),
                                     pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **sampling)
-        finally:
-            self.net.train(was_training)
         return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     def generate(self, conversations: list[Conversation], batch_size: int = 8) -> list[str]:
         """Greedy (or sampled) replies to conversations, with the chat template's generation prompt."""
+        from tqdm.auto import tqdm
+
         collate = PromptCollator(self.tokenizer)
         texts: list[str] = []
-        for start in range(0, len(conversations), batch_size):
+        starts = range(0, len(conversations), batch_size)
+        for start in tqdm(starts, desc="[mmtune] generating", unit="batch", disable=len(starts) < 2, leave=False):
             batch = collate(list(enumerate(conversations[start:start + batch_size])))
             texts += self._generate_ids(batch["input_ids"], batch["attention_mask"])
         return texts

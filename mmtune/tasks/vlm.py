@@ -20,6 +20,7 @@ from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_r
 from mmtune.metrics.records import SampleRecord
 from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors, vocabulary_fingerprint
+from mmtune.models.generation import generation_mode
 from mmtune.models.lm_head import hidden_states, split_head
 from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
@@ -261,18 +262,14 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
     @torch.no_grad()
     def generate_batch(self, inputs: dict) -> list[str]:
         """Answers for a batch of prompt inputs (from the encoding's `prompt_batch`)."""
-        was_training = self.net.training
-        self.net.eval()
         inputs = self._inputs({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
         tok = self.processor.tokenizer
         prompt_ids = inputs.get("input_ids")
         if prompt_ids is not None:
             prompt_ids = prompt_ids.clone()  # some families' generate edits the ids in place
-        try:
+        with generation_mode(self.net):  # eval, KV cache on, checkpointing off; training state restored after
             out = self.net.generate(**inputs, **self.decoding_spec.generate_kwargs(), **self.encoding.generate_kwargs(),
                                     use_cache=True)
-        finally:
-            self.net.train(was_training)
         if prompt_ids is not None and not is_encoder_decoder(self._raw()):
             out = out[:, answer_start(out, prompt_ids, inputs.get("input_ids")):]
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
