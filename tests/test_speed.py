@@ -33,3 +33,21 @@ def test_generation_mode_turns_on_the_cache_and_off_checkpointing_then_restores(
     handle.remove()
     assert seen == {"training": False, "grad": False, "cache": True, "checkpointing": False}
     assert task.net.training and raw.config.use_cache is False and all(m.gradient_checkpointing for m in layers)
+
+
+def test_default_cnn_targets_skip_the_stem_and_narrow_convs():
+    import timm
+    from torch import nn
+
+    from mmtune.adapters.targets import CNN_MIN_CHANNELS, vision_backbone_targets
+
+    with torch.device("meta"):
+        lite = timm.create_model("tf_efficientnet_lite0", num_classes=4)
+    convs = {n: m for n, m in lite.named_modules() if isinstance(m, nn.Conv2d)}
+    chosen = vision_backbone_targets(convs)
+    assert "conv_stem" not in chosen and "conv_head" in chosen
+    assert all(convs[n].groups == 1 and min(convs[n].in_channels, convs[n].out_channels) >= CNN_MIN_CHANNELS
+               for n in chosen)
+    # every wide pointwise conv of the later stages is still adapted
+    assert {n for n, m in convs.items() if m.groups == 1 and m.in_channels > 4
+            and min(m.in_channels, m.out_channels) >= CNN_MIN_CHANNELS} == set(chosen) and len(chosen) >= 20

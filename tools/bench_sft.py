@@ -43,10 +43,12 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def tiny_model(root: Path, vocab_size: int | None = None, layers: int = 4, name: str = "tiny_llama") -> Path:
+def tiny_model(root: Path, vocab_size: int | None = None, layers: int = 4, name: str = "tiny_llama",
+               shape: dict | None = None) -> Path:
     """A Llama (hidden 256) with a byte-level BPE tokenizer trained here and the ChatML template.
     `vocab_size` pads the model's vocabulary beyond the tokenizer's (a 150k head costs what it would
-    with a real 150k tokenizer: the logits are as wide)."""
+    with a real 150k tokenizer: the logits are as wide); `shape` overrides LlamaConfig fields (hidden
+    size, heads...: `tools/gpu_check.py` builds a ~1B model this way)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -66,6 +68,8 @@ def tiny_model(root: Path, vocab_size: int | None = None, layers: int = 4, name:
                       num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                       eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, initializer_range=0.1)
+    for key, value in (shape or {}).items():
+        setattr(cfg, key, value)
     out = root / name
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     fast.save_pretrained(out)
@@ -85,7 +89,9 @@ def val_loss(model, tokenizer, val_rows: list[dict], max_length: int) -> float:
     with torch.no_grad():
         for start in range(0, len(items), 16):
             batch = collate([[x] for x in items[start:start + 16]])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            device = next(model.parameters()).device
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits.float().cpu()
             t, c = token_loss(logits, batch["labels"])
             total, count = total + float(t), count + int(c)
     return total / count
@@ -151,7 +157,10 @@ def run_mmtune(model_dir: str, train: Path, val_rows: list[dict], args, packing:
 
     from mmtune import AdapterSpec, CausalLMTask, ModelSpec, MonitorSpec, OptimizerSpec, TextData
 
-    task = CausalLMTask(ModelSpec(name=model_dir), AdapterSpec(method="lora", r=16, alpha=32),
+    device, bf16 = getattr(args, "device", "cpu"), getattr(args, "precision", "32") == "bf16"
+    quant = getattr(args, "quantization", "none")
+    task = CausalLMTask(ModelSpec(name=model_dir, dtype="bfloat16" if bf16 else None, quantization=quant),
+                        AdapterSpec(method="lora", r=16, alpha=32),
                         OptimizerSpec(lr=args.lr, warmup=0, weight_decay=0.0, schedule=args.schedule),
                         MonitorSpec(early_stopping=False, save_best=False, save_last=False))
     torch.manual_seed(args.seed)
@@ -160,7 +169,8 @@ def run_mmtune(model_dir: str, train: Path, val_rows: list[dict], args, packing:
     dm = TextData(path=str(train), split=(1.0, 0.0, 0.0), max_length=args.max_length, batch_size=args.batch_size,
                   packing=packing, shuffle=False)
     counter = token_counter()
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=args.steps,
+                        precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=1.0, callbacks=[counter], default_root_dir=tempfile.mkdtemp())
     trainer.fit(task, datamodule=dm)
@@ -180,7 +190,8 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
     from mmtune.specs import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec(name=model_dir))  # the same template as mmtune uses
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    device, bf16 = getattr(args, "device", "cpu"), getattr(args, "precision", "32") == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     torch.manual_seed(args.seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     init = lora_fingerprint(model)
@@ -188,7 +199,12 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
     cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     learning_rate=args.lr, lr_scheduler_type=args.schedule, warmup_steps=0, weight_decay=0.0,
                     max_length=args.max_length, packing=packing, assistant_only_loss=True, logging_steps=1,
-                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=args.seed,
+                    save_strategy="no", report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0,
+                    seed=args.seed,
+                    # SFTConfig's own defaults differ from mmtune's: bf16 autocast (even on CPU, where bf16
+                    # matmuls are slow) and activation checkpointing on. Both off here, as on mmtune's side,
+                    # unless --trl_defaults asks to measure TRL as it comes.
+                    **({} if getattr(args, "trl_defaults", False) else {"bf16": bf16, "gradient_checkpointing": False}),
                     disable_tqdm=True, max_grad_norm=1.0, train_sampling_strategy="sequential")
 
     class Tokens(TrainerCallback):
