@@ -100,7 +100,10 @@ def test_channels_last_and_activation_checkpointing_keep_the_first_step(tmp_path
     from mmtune.speed import _base
 
     assert _base(task.net).grad_checkpointing is True  # timm's per-block checkpointing
-    torch.testing.assert_close(torch.tensor(switched), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+    # the first step is the same; after one AdamW update (which divides tiny gradients by their own
+    # scale) conv summation order differences show at 1e-4
+    torch.testing.assert_close(switched[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(switched[1], plain[1], rtol=1e-3, atol=1e-4)
 
 
 def test_fused_adamw_makes_the_same_first_step():
