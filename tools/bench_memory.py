@@ -9,7 +9,7 @@ same torch thread count (`tools/bench_sft.py`'s runners). Each run is its own su
 peak is its own: `peak RSS` is the highest resident memory during the training call (VmHWM reset at
 its start), `growth` that minus the RSS at its start (the loaded model and libraries excluded).
 
-    python tools/bench_memory.py                      # 151,936 vocab, batch 8, 6 steps, 2 threads
+    python tools/bench_memory.py --packing --batch_size 4 --steps 3   # 151,936 vocab, 1 thread
     python tools/bench_memory.py --vocab_size 32000 --batch_size 16 --steps 10
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--packing", action="store_true", help="pack rows on both sides")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--worker", choices=["mmtune", "trl"], default=None, help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -238,6 +239,39 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
             "val_loss": val_loss(trainer.model, tokenizer, val_rows, args.max_length)}
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Conversations of any file mmtune's TextData reads, as chat rows both sides take."""
+    from mmtune.data.text_reading import TextSource, read_source
+
+    samples = read_source(TextSource(str(path)))
+    if any(getattr(s, "messages", None) is None for s in samples):
+        raise SystemExit(f"{path}: plain-text rows; this comparison trains on conversations (loss on replies)")
+    rows = [{"messages": list(s.messages)} for s in samples]
+    if len(rows) < 64:
+        raise SystemExit(f"{path}: {len(rows)} rows; need at least 64 (48 are held out for validation)")
+    return rows
+
+
+def single_thread_check(runs: dict, model_dir: str, train: Path, train_rows: list, val_rows: list, args) -> list[str]:
+    """With more than one torch thread, reruns each side single-threaded (a third of the steps) and
+    returns a warning for each side whose multi-threaded tokens/s is below 0.7x its own 1-thread figure:
+    then the machine has fewer free cores than threads and the comparison says little."""
+    warnings = []
+    short = argparse.Namespace(**{**vars(args), "steps": max(3, args.steps // 3)})
+    torch.set_num_threads(1)
+    try:
+        for side, runner in (("mmtune", run_mmtune), ("trl", run_trl)):
+            data = train if side == "mmtune" else train_rows
+            single = runner(model_dir, data, val_rows[:8], short, False)["tokens_per_s"]
+            multi = runs[f"{side}_unpacked"][-1]["tokens_per_s"] if runs.get(f"{side}_unpacked") else None
+            if multi is not None and multi < 0.7 * single:
+                warnings.append(f"WARNING: {side} ran at {multi:.0f} tokens/s with {args.threads} threads but "
+                                f"{single:.0f} with 1: too few free cores for {args.threads} threads; rerun with --threads 1")
+    finally:
+        torch.set_num_threads(args.threads)
+    return warnings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="local directory or .gguf (default: a tiny Llama built here)")
@@ -247,22 +281,34 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                         help="lr decay to 0 (the same formula on both sides, no warmup)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: on a small or shared machine more threads "
+                             "than free cores make parallel regions wait for descheduled threads, by different amounts "
+                             "for the two sides; with more, each side is also run single-threaded and a warning is "
+                             "printed when its figure is far below that)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="train on this file instead (any file TextData reads; the first 48 rows are held out "
+                             "for the validation loss)")
+    parser.add_argument("--trl_defaults", action="store_true",
+                        help="leave SFTConfig's bf16 and gradient_checkpointing at TRL's defaults (not like for like)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one run per seed (training order and LoRA initialization); medians and means over them")
     parser.add_argument("--only", choices=["unpacked", "packed"], default=None, help="run one layout only")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Both sides in one process with the same settings: torch threads, and no tokenizer thread pool
+    # competing with them (TRL tokenizes with the fast tokenizer before training, mmtune in its loader).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp())
     model_dir = args.model or str(tiny_model(root))
-    val_rows = make_rows(48, 1)
+    data_rows = read_rows(args.data) if args.data else None
+    val_rows = data_rows[:48] if data_rows else make_rows(48, 1)
     layouts = [k for k in ("unpacked", "packed") if args.only in (None, k)]
     runs: dict[str, list[dict]] = {f"{side}_{k}": [] for k in layouts for side in ("mmtune", "trl")}
     for seed in args.seeds:
         args.seed = seed
-        train_rows = make_rows(400, 0)
+        train_rows = list(data_rows[48:]) if data_rows else make_rows(400, 0)
         random.Random(seed).shuffle(train_rows)  # the one shuffle; both sides then read in this order
         train = root / f"train_{seed}.jsonl"
         train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
@@ -281,6 +327,7 @@ def main() -> None:
                       "val_loss_min": min(r["val_loss"] for r in rs), "val_loss_max": max(r["val_loss"] for r in rs)}
                for name, rs in runs.items()}
     base = summary.get("trl_unpacked", next(iter(summary.values())))["tokens_per_s"]
+    warnings = single_thread_check(runs, model_dir, train, train_rows, val_rows, args) if args.threads > 1 else []
     print(f"\nover seeds {args.seeds}: median tokens/s, mean final validation loss (min-max)")
     print(f"{'run':18} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs TRL unpacked':>16} {'val loss':>9} {'vs TRL':>7}"
           f"  range")
@@ -288,9 +335,11 @@ def main() -> None:
         trl = summary[name.replace("mmtune", "trl")]
         print(f"{name:18} {r['tokens']:8.0f} {r['seconds']:8.1f} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base:15.2f}x"
               f" {r['val_loss']:9.4f} {r['val_loss'] / trl['val_loss'] - 1:+7.1%}  {r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}")
+    for line in warnings:
+        print(line)
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                                        "summary": summary}, indent=2))
+                                        "summary": summary, "warnings": warnings}, indent=2))
 
 
 if __name__ == "__main__":
