@@ -67,9 +67,10 @@ def param_groups(
 
 
 def build_optimizer(groups: list[dict], spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """AdamW over prepared groups (fused on CUDA when every parameter is there)."""
+    """AdamW over prepared groups; fused as `spec.fused` says (None: on CUDA when every parameter is there)."""
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, fused=on_cuda or None)
+    fused = spec.fused if spec.fused is not None else (on_cuda or None)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, fused=fused)
 
 
 def lr_lambda(spec: OptimizerSpec, total_steps: int) -> Callable[[int], float]:

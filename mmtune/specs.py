@@ -109,6 +109,8 @@ class OptimizerSpec:
             vision-language tasks add `vision`, `projector`, `language`).
         vision_lr: shorthand for `part_lrs: {vision: ...}` (vision-language and alignment tasks).
         projector_lr: shorthand for `part_lrs: {projector: ...}` (vision-language tasks).
+        fused: fused AdamW kernel (one kernel for all parameters; same update). None: on when every
+            parameter is on a GPU.
     """
 
     lr: float = 1e-3
@@ -122,6 +124,7 @@ class OptimizerSpec:
     part_lrs: dict[str, float] = field(default_factory=dict)
     vision_lr: Optional[float] = None
     projector_lr: Optional[float] = None
+    fused: Optional[bool] = None
 
     def all_part_lrs(self) -> dict[str, float]:
         """`part_lrs` with the `vision_lr`/`projector_lr` shorthands folded in."""

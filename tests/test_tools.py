@@ -50,3 +50,26 @@ def test_efficientnet_lite_weights_convert_to_timm(tmp_path):
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and model.num_classes == 4
     # real ImageNet weights, not a fresh init: BatchNorm statistics were learned
     assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+def test_bench_generate_quick_matches_plain_generate_and_keeps_the_training_state(one_torch_thread):
+    result = _load("bench_generate").main(["--quick"])
+    assert result["same_texts"] and result["tokens"] > 0 and result["training_state_kept"]
+    assert result["tokens_per_s"]["mmtune"] > 0 and result["tokens_per_s"]["plain"] > 0
+
+
+def test_gpu_check_runs_every_row_on_tiny_models_on_cpu(tmp_path, one_torch_thread):
+    results = _load("gpu_check").main(["--device", "cpu", "--tiny", "--work", str(tmp_path), "--out",
+                                       str(tmp_path / "table.md")])
+    gpu_check = _load("gpu_check")
+    assert [r["row"] for r in results] == list(gpu_check.ROWS) and not any("error" in r for r in results)
+    assert all(r["mmtune"] > 0 and r["memory_mb"] > 0 for r in results)
+    assert all(r["ratio"] > 0 for r in results if r["row"] in ("vit_lora", "vit_full", "llm_lora"))
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {row} |" in table for row in gpu_check.ROWS)
+    # MFU from the config: a 1.1B Llama at 1024 tokens is about 6.6 GFLOP per token; H200 peak by name
+    from transformers import LlamaConfig
+
+    flops = gpu_check.flops_per_token(LlamaConfig(vocab_size=32000, **gpu_check.LLAMA_1B), 1024)
+    assert 6.0e9 < flops < 7.5e9
+    assert gpu_check.peak_flops("NVIDIA H200") == 989e12 and gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12

@@ -52,6 +52,7 @@ from pathlib import Path
 RESULT_MARK = "BENCH_RESULT "
 DEFAULT_MODELS = ("timm:vit_tiny_patch16_224", "timm:resnet18")
 TARGET_RATIO = 0.95
+LORA_TARGET = 0.9  # LoRA step time / full fine-tuning step time
 
 
 # ---- synthetic data ------------------------------------------------------------------------------
@@ -223,6 +224,7 @@ def run_mmtune(cfg: dict) -> dict:
             accelerator="gpu" if cfg["device"] == "cuda" else "cpu", devices=1, max_steps=cfg["steps"],
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Timer()], default_root_dir=root,
+            precision=cfg.get("precision", "32-true"),
         )
         base = _rss_mb()
         trainer.fit(task, datamodule=dm)
@@ -283,7 +285,8 @@ def run_plain(cfg: dict) -> dict:
             window.start(step)
             pixels = batch["pixels"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)
-            loss = F.cross_entropy(net(pixels), target)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.get("precision") == "bf16-mixed"):
+                loss = F.cross_entropy(net(pixels), target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -416,6 +419,13 @@ def tables(results: list[dict], device: str, max_foreign: float) -> tuple[str, l
                     glo, gfu = med(m, "lora", runner, "train_rss_mb"), med(m, "full", runner, "train_rss_mb")
                     row += f" {glo:.0f} | {gfu:.0f} | {glo / gfu:.2f} |"
                 lines.append(row)
+        # LoRA trains a fraction of the weights: it must not take longer per step than full fine-tuning.
+        lines += ["", f"| model | runner | step ms LoRA | step ms full | LoRA/full step time (target <= {LORA_TARGET}) |",
+                  "|---|---|---:|---:|---:|"]
+        for m in models:
+            for runner in ("mmtune", "plain"):
+                lo, fu = med(m, "lora", runner, "median_step_ms"), med(m, "full", runner, "median_step_ms")
+                lines.append(f"| {m.removeprefix('timm:')} | {runner} | {lo:.1f} | {fu:.1f} | **{lo / fu:.2f}** |")
     return "\n".join(lines), ratios
 
 
@@ -433,6 +443,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="Lightning precision of mmtune's side; the plain loop autocasts to match")
     parser.add_argument("--per-class", type=int, default=64, help="synthetic images per class (4 classes)")
     parser.add_argument("--data", help="an existing manifest to use instead of synthetic data")
     parser.add_argument("--seed", type=int, default=0)
@@ -468,7 +480,7 @@ def main(argv=None) -> int:
         manifest = args.data or str(make_data(Path(tmp), args.per_class, args.image_size, args.seed))
         base = dict(manifest=manifest, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
                     image_size=args.image_size, workers=args.workers, threads=args.threads, lora_r=args.lora_r,
-                    device=device, seed=args.seed)
+                    device=device, seed=args.seed, precision=args.precision)
         if not args.quiet:
             print(f"# {hw}; {versions}; load average {load_start[0]:.2f}", flush=True)
         results = []

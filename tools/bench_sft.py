@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -43,8 +44,12 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def tiny_model(root: Path) -> Path:
-    """A 4-layer Llama (hidden 256) with a byte-level BPE tokenizer trained here and the ChatML template."""
+def tiny_model(root: Path, vocab_size: int | None = None, layers: int = 4, name: str = "tiny_llama",
+               shape: dict | None = None) -> Path:
+    """A Llama (hidden 256) with a byte-level BPE tokenizer trained here and the ChatML template.
+    `vocab_size` pads the model's vocabulary beyond the tokenizer's (a 150k head costs what it would
+    with a real 150k tokenizer: the logits are as wide); `shape` overrides LlamaConfig fields (hidden
+    size, heads...: `tools/gpu_check.py` builds a ~1B model this way)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -60,10 +65,13 @@ def tiny_model(root: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATES.get("chatml")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=max(len(fast), vocab_size or 0), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                       eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, initializer_range=0.1)
-    out = root / "tiny_llama"
+    for key, value in (shape or {}).items():
+        setattr(cfg, key, value)
+    out = root / name
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     fast.save_pretrained(out)
     return out
@@ -82,10 +90,32 @@ def val_loss(model, tokenizer, val_rows: list[dict], max_length: int) -> float:
     with torch.no_grad():
         for start in range(0, len(items), 16):
             batch = collate([[x] for x in items[start:start + 16]])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            device = next(model.parameters()).device
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits.float().cpu()
             t, c = token_loss(logits, batch["labels"])
             total, count = total + float(t), count + int(c)
     return total / count
+
+
+def reset_peak_rss() -> None:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux: `clear_refs` value 5), so the
+    peak read at the end of training is the training's own, not the model loading's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    """`VmHWM` (peak RSS since the last reset) or `VmRSS` (now) of this process in MB (0 where unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def token_counter():
@@ -94,7 +124,7 @@ def token_counter():
     import lightning as L
 
     class Counter(L.Callback):
-        tokens, start, seconds = 0, 0.0, 0.0
+        tokens, start, seconds, peak_rss, rss_start = 0, 0.0, 0.0, 0.0, 0.0
 
         def __init__(self):
             self.losses = []
@@ -103,6 +133,8 @@ def token_counter():
             self.losses.append(float(outputs["loss"]))
 
         def on_train_start(self, trainer, module):
+            reset_peak_rss()
+            self.rss_start = rss_mb("VmRSS")
             self.start = time.perf_counter()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -110,6 +142,7 @@ def token_counter():
 
         def on_train_end(self, trainer, module):
             self.seconds = time.perf_counter() - self.start
+            self.peak_rss = rss_mb()
 
     return Counter()
 
@@ -125,7 +158,10 @@ def run_mmtune(model_dir: str, train: Path, val_rows: list[dict], args, packing:
 
     from mmtune import AdapterSpec, CausalLMTask, ModelSpec, MonitorSpec, OptimizerSpec, TextData
 
-    task = CausalLMTask(ModelSpec(name=model_dir), AdapterSpec(method="lora", r=16, alpha=32),
+    device, bf16 = getattr(args, "device", "cpu"), getattr(args, "precision", "32") == "bf16"
+    quant = getattr(args, "quantization", "none")
+    task = CausalLMTask(ModelSpec(name=model_dir, dtype="bfloat16" if bf16 else None, quantization=quant),
+                        AdapterSpec(method="lora", r=16, alpha=32),
                         OptimizerSpec(lr=args.lr, warmup=0, weight_decay=0.0, schedule=args.schedule),
                         MonitorSpec(early_stopping=False, save_best=False, save_last=False))
     torch.manual_seed(args.seed)
@@ -134,13 +170,14 @@ def run_mmtune(model_dir: str, train: Path, val_rows: list[dict], args, packing:
     dm = TextData(path=str(train), split=(1.0, 0.0, 0.0), max_length=args.max_length, batch_size=args.batch_size,
                   packing=packing, shuffle=False)
     counter = token_counter()
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=args.steps,
+                        precision="bf16-mixed" if bf16 else "32-true", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=1.0, callbacks=[counter], default_root_dir=tempfile.mkdtemp())
     trainer.fit(task, datamodule=dm)
     seconds = counter.seconds
     return {"tokens": counter.tokens, "seconds": seconds, "tokens_per_s": counter.tokens / seconds, "lora_init": init,
-            "train_losses": counter.losses,
+            "train_losses": counter.losses, "peak_rss_mb": counter.peak_rss, "rss_start_mb": counter.rss_start,
             "val_loss": val_loss(task.net, task.tokenizer, val_rows, args.max_length)}
 
 
@@ -154,7 +191,8 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
     from mmtune.specs import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec(name=model_dir))  # the same template as mmtune uses
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    device, bf16 = getattr(args, "device", "cpu"), getattr(args, "precision", "32") == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     torch.manual_seed(args.seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     init = lora_fingerprint(model)
@@ -162,7 +200,12 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
     cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     learning_rate=args.lr, lr_scheduler_type=args.schedule, warmup_steps=0, weight_decay=0.0,
                     max_length=args.max_length, packing=packing, assistant_only_loss=True, logging_steps=1,
-                    save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=args.seed,
+                    save_strategy="no", report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0,
+                    seed=args.seed,
+                    # SFTConfig's own defaults differ from mmtune's: bf16 autocast (even on CPU, where bf16
+                    # matmuls are slow) and activation checkpointing on. Both off here, as on mmtune's side,
+                    # unless --trl_defaults asks to measure TRL as it comes.
+                    **({} if getattr(args, "trl_defaults", False) else {"bf16": bf16, "gradient_checkpointing": False}),
                     disable_tqdm=True, max_grad_norm=1.0, train_sampling_strategy="sequential")
 
     class Tokens(TrainerCallback):
@@ -170,12 +213,16 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
 
         def __init__(self):
             self.last, self.start, self.seconds, self.losses = 0, 0.0, 0.0, []
+            self.peak_rss = self.rss_start = 0.0
 
         def on_train_begin(self, a, state, control, **kw):
+            reset_peak_rss()
+            self.rss_start = rss_mb("VmRSS")
             self.start = time.perf_counter()
 
         def on_train_end(self, a, state, control, **kw):
             self.seconds = time.perf_counter() - self.start
+            self.peak_rss = rss_mb()
 
         def on_log(self, a, state, control, logs=None, **kw):
             self.last = (logs or {}).get("num_tokens", self.last)
@@ -188,8 +235,41 @@ def run_trl(model_dir: str, train_rows: list[dict], val_rows: list[dict], args, 
     trainer.train()
     seconds = tokens.seconds
     return {"tokens": int(tokens.last), "seconds": seconds, "tokens_per_s": tokens.last / seconds, "lora_init": init,
-            "train_losses": tokens.losses,
+            "train_losses": tokens.losses, "peak_rss_mb": tokens.peak_rss, "rss_start_mb": tokens.rss_start,
             "val_loss": val_loss(trainer.model, tokenizer, val_rows, args.max_length)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Conversations of any file mmtune's TextData reads, as chat rows both sides take."""
+    from mmtune.data.text_reading import TextSource, read_source
+
+    samples = read_source(TextSource(str(path)))
+    if any(getattr(s, "messages", None) is None for s in samples):
+        raise SystemExit(f"{path}: plain-text rows; this comparison trains on conversations (loss on replies)")
+    rows = [{"messages": list(s.messages)} for s in samples]
+    if len(rows) < 64:
+        raise SystemExit(f"{path}: {len(rows)} rows; need at least 64 (48 are held out for validation)")
+    return rows
+
+
+def single_thread_check(runs: dict, model_dir: str, train: Path, train_rows: list, val_rows: list, args) -> list[str]:
+    """With more than one torch thread, reruns each side single-threaded (a third of the steps) and
+    returns a warning for each side whose multi-threaded tokens/s is below 0.7x its own 1-thread figure:
+    then the machine has fewer free cores than threads and the comparison says little."""
+    warnings = []
+    short = argparse.Namespace(**{**vars(args), "steps": max(3, args.steps // 3)})
+    torch.set_num_threads(1)
+    try:
+        for side, runner in (("mmtune", run_mmtune), ("trl", run_trl)):
+            data = train if side == "mmtune" else train_rows
+            single = runner(model_dir, data, val_rows[:8], short, False)["tokens_per_s"]
+            multi = runs[f"{side}_unpacked"][-1]["tokens_per_s"] if runs.get(f"{side}_unpacked") else None
+            if multi is not None and multi < 0.7 * single:
+                warnings.append(f"WARNING: {side} ran at {multi:.0f} tokens/s with {args.threads} threads but "
+                                f"{single:.0f} with 1: too few free cores for {args.threads} threads; rerun with --threads 1")
+    finally:
+        torch.set_num_threads(args.threads)
+    return warnings
 
 
 def main() -> None:
@@ -201,22 +281,34 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                         help="lr decay to 0 (the same formula on both sides, no warmup)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: on a small or shared machine more threads "
+                             "than free cores make parallel regions wait for descheduled threads, by different amounts "
+                             "for the two sides; with more, each side is also run single-threaded and a warning is "
+                             "printed when its figure is far below that)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="train on this file instead (any file TextData reads; the first 48 rows are held out "
+                             "for the validation loss)")
+    parser.add_argument("--trl_defaults", action="store_true",
+                        help="leave SFTConfig's bf16 and gradient_checkpointing at TRL's defaults (not like for like)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one run per seed (training order and LoRA initialization); medians and means over them")
     parser.add_argument("--only", choices=["unpacked", "packed"], default=None, help="run one layout only")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Both sides in one process with the same settings: torch threads, and no tokenizer thread pool
+    # competing with them (TRL tokenizes with the fast tokenizer before training, mmtune in its loader).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp())
     model_dir = args.model or str(tiny_model(root))
-    val_rows = make_rows(48, 1)
+    data_rows = read_rows(args.data) if args.data else None
+    val_rows = data_rows[:48] if data_rows else make_rows(48, 1)
     layouts = [k for k in ("unpacked", "packed") if args.only in (None, k)]
     runs: dict[str, list[dict]] = {f"{side}_{k}": [] for k in layouts for side in ("mmtune", "trl")}
     for seed in args.seeds:
         args.seed = seed
-        train_rows = make_rows(400, 0)
+        train_rows = list(data_rows[48:]) if data_rows else make_rows(400, 0)
         random.Random(seed).shuffle(train_rows)  # the one shuffle; both sides then read in this order
         train = root / f"train_{seed}.jsonl"
         train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
@@ -235,6 +327,7 @@ def main() -> None:
                       "val_loss_min": min(r["val_loss"] for r in rs), "val_loss_max": max(r["val_loss"] for r in rs)}
                for name, rs in runs.items()}
     base = summary.get("trl_unpacked", next(iter(summary.values())))["tokens_per_s"]
+    warnings = single_thread_check(runs, model_dir, train, train_rows, val_rows, args) if args.threads > 1 else []
     print(f"\nover seeds {args.seeds}: median tokens/s, mean final validation loss (min-max)")
     print(f"{'run':18} {'tokens':>8} {'seconds':>8} {'tokens/s':>9} {'vs TRL unpacked':>16} {'val loss':>9} {'vs TRL':>7}"
           f"  range")
@@ -242,9 +335,11 @@ def main() -> None:
         trl = summary[name.replace("mmtune", "trl")]
         print(f"{name:18} {r['tokens']:8.0f} {r['seconds']:8.1f} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base:15.2f}x"
               f" {r['val_loss']:9.4f} {r['val_loss'] / trl['val_loss'] - 1:+7.1%}  {r['val_loss_min']:.4f}-{r['val_loss_max']:.4f}")
+    for line in warnings:
+        print(line)
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                                        "summary": summary}, indent=2))
+                                        "summary": summary, "warnings": warnings}, indent=2))
 
 
 if __name__ == "__main__":

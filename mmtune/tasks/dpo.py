@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ConfigError
+from mmtune.losses.chunked import linear_token_loss_per_row
 from mmtune.metrics.records import SampleRecord
+from mmtune.models.lm_head import hidden_states, split_head
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 from mmtune.tasks.sft import CausalLMTask, GenerationSpec
@@ -76,7 +78,7 @@ class DPOTask(CausalLMTask):
 
     Args:
         model, adapter, optimizer, monitor, chat_template, gradient_checkpointing, generation,
-        checkpoint_weights, predictions_file: as in `CausalLMTask`.
+        checkpoint_weights, predictions_file, chunked_loss: as in `CausalLMTask`.
         preference: beta and loss variant.
     """
 
@@ -97,9 +99,10 @@ class DPOTask(CausalLMTask):
         checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
         predictions_file: Optional[str] = None,
         preference: PreferenceSpec = PreferenceSpec(),
+        chunked_loss: bool = True,
     ) -> None:
         super().__init__(model, adapter, optimizer, monitor, chat_template, gradient_checkpointing, generation,
-                         checkpoint_weights, predictions_file)
+                         checkpoint_weights, predictions_file, chunked_loss=chunked_loss)
         self.preference_spec = as_spec(PreferenceSpec, preference)
         if self.preference_spec.beta <= 0:
             raise ConfigError(f"preference.beta must be positive, got {self.preference_spec.beta}")
@@ -116,20 +119,28 @@ class DPOTask(CausalLMTask):
             ref = copy.deepcopy(self.net).eval().requires_grad_(False)
             object.__setattr__(self, "_ref", ref)
 
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
+    def _logps(self, net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sequence_logps` of `net` on a batch; chunked from the hidden states where the model allows
+        (`chunked_loss`), so the full logits of chosen and rejected rows never exist."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        split = split_head(net) if self.hparams.get("chunked_loss", True) and self._device_mesh is None else None
+        if split is None:
+            return sequence_logps(net(**inputs, use_cache=False).logits, batch["labels"])
+        sums, counts = linear_token_loss_per_row(hidden_states(split, inputs), split.head.weight, split.head.bias,
+                                                 batch["labels"], rows=len(batch["labels"]))
+        return -sums, counts
+
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             if self._ref is not None:
-                logits = self._ref.to(self.device)(**inputs, use_cache=False).logits
-            else:
-                with self.net.disable_adapter():
-                    logits = self.net(**inputs, use_cache=False).logits
-        return sequence_logps(logits, batch["labels"])[0]
+                return self._logps(self._ref.to(self.device), batch)[0]
+            with self.net.disable_adapter():
+                return self._logps(self.net, batch)[0]
 
     def loss_terms(self, batch: dict, per_pair: bool = False) -> dict[str, torch.Tensor]:
         """`loss` to minimize plus `reward_margin` and `accuracy` for the logs: batch means, or `[pairs]`
         tensors with `per_pair`."""
-        policy, counts = sequence_logps(self(batch), batch["labels"])
+        policy, counts = self._logps(self.net, batch)
         terms = preference_terms if per_pair else preference_loss
         return terms(policy, self._reference_logps(batch), counts, self.preference_spec)
 

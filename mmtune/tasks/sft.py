@@ -16,6 +16,7 @@ from mmtune.data.text_batches import PromptCollator
 from mmtune.data.text_reading import Conversation, prompt_conversation
 from mmtune.errors import ConfigError
 from mmtune.files import atomic_write
+from mmtune.losses.chunked import linear_token_loss, linear_token_loss_per_row
 from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
 from mmtune.metrics.records import SampleRecord
 from mmtune.models.hf import (
@@ -28,6 +29,8 @@ from mmtune.models.hf import (
     stop_token_ids,
     vocabulary_fingerprint,
 )
+from mmtune.models.generation import generation_mode
+from mmtune.models.lm_head import SplitHead, hidden_states, split_head
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 
@@ -73,6 +76,10 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         generation: fixed prompts generated at each validation, and generation settings for predict.
         checkpoint_weights: `trainable` (adapters and trained parts only), `full`, or `auto`.
         predictions_file: where `predict` writes its JSONL (default: `predictions.jsonl` in the run directory).
+        chunked_loss: compute the token loss from the final hidden states in chunks of tokens, only at
+            labelled positions, so the full batch x length x vocabulary logits never exist
+            (`mmtune.losses.chunked`; same loss and gradients). Models whose logits are not a plain
+            projection (soft-capping, a LoRA-adapted lm_head) and FSDP2 runs use the plain loss.
     """
 
     def __init__(
@@ -86,6 +93,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         generation: GenerationSpec = GenerationSpec(),
         checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
         predictions_file: Optional[str] = None,
+        chunked_loss: bool = True,
     ) -> None:
         super().__init__()
         self.model_spec = as_spec(ModelSpec, model)
@@ -100,7 +108,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
             "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
             "chat_template": chat_template, "gradient_checkpointing": gradient_checkpointing,
             "generation": spec_to_dict(self.generation_spec), "checkpoint_weights": checkpoint_weights,
-            "predictions_file": predictions_file,
+            "predictions_file": predictions_file, "chunked_loss": chunked_loss,
         })
         self.tokenizer = load_tokenizer(self.model_spec, chat_template)
         self.net: Optional[torch.nn.Module] = None
@@ -109,6 +117,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         self._vocabulary: Optional[str] = None
         self._predictions: list[tuple[int, str]] = []
         self._packing = False
+        self._split: Optional[tuple] = None  # (net, its SplitHead or None) for the chunked loss, found on first use
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
@@ -173,8 +182,24 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         # that keeps attention inside each sample of a packed row.
         return self.net(**inputs, use_cache=False).logits
 
+    def _split_head(self) -> Optional[SplitHead]:
+        """Where the chunked loss applies: the model's body and plain lm_head (None: plain loss)."""
+        if not self.hparams.get("chunked_loss", True) or self._device_mesh is not None:
+            return None  # FSDP2 gathers the head's weight only inside the root module's forward
+        if self._split is None or self._split[0] is not self.net:
+            self._split = (self.net, split_head(self.net))
+        return self._split[1]
+
+    def loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token cross entropy over the batch's labelled tokens, and their count."""
+        split = self._split_head()
+        if split is None:
+            return token_loss(self(batch), batch["labels"])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        return linear_token_loss(hidden_states(split, inputs), split.head.weight, split.head.bias, batch["labels"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, mean = global_token_mean(*token_loss(self(batch), batch["labels"]))
+        loss, mean = global_token_mean(*self.loss_sums(batch))
         self.log("train/loss", mean, prog_bar=True, batch_size=len(batch["input_ids"]))
         self.log("train/tokens", batch["num_tokens"].float(), reduce_fx="sum", batch_size=1)
         return loss
@@ -188,7 +213,13 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         supervised tokens (`tokens`), exact under packing (the collator's `row_ids` say whose each
         token is), with the sample's origin as id and its metadata columns."""
         origins = batch["origins"]
-        sums, counts = token_loss_per_row(self(batch), batch["labels"], batch["row_ids"], len(origins))
+        split = self._split_head()
+        if split is None:
+            sums, counts = token_loss_per_row(self(batch), batch["labels"], batch["row_ids"], len(origins))
+        else:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            sums, counts = linear_token_loss_per_row(hidden_states(split, inputs), split.head.weight, split.head.bias,
+                                                     batch["labels"], batch["row_ids"], len(origins))
         return [SampleRecord(id=origin, stats={"loss_sum": loss_sum, "tokens": tokens}, meta=dict(meta))
                 for origin, loss_sum, tokens, meta in zip(origins, sums.tolist(), counts.tolist(), batch["meta"])]
 
@@ -248,22 +279,21 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
     @torch.no_grad()
     def _generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         spec = self.generation_spec
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.do_sample else dict(do_sample=False)
+        sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p) if spec.do_sample else dict(do_sample=False)
+        with generation_mode(self.net):  # eval, KV cache on, checkpointing off; training state restored after
             out = self.net.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                     max_new_tokens=spec.max_new_tokens, eos_token_id=stop_token_ids(self.tokenizer),
                                     pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **sampling)
-        finally:
-            self.net.train(was_training)
         return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     def generate(self, conversations: list[Conversation], batch_size: int = 8) -> list[str]:
         """Greedy (or sampled) replies to conversations, with the chat template's generation prompt."""
+        from tqdm.auto import tqdm
+
         collate = PromptCollator(self.tokenizer)
         texts: list[str] = []
-        for start in range(0, len(conversations), batch_size):
+        starts = range(0, len(conversations), batch_size)
+        for start in tqdm(starts, desc="[mmtune] generating", unit="batch", disable=len(starts) < 2, leave=False):
             batch = collate(list(enumerate(conversations[start:start + batch_size])))
             texts += self._generate_ids(batch["input_ids"], batch["attention_mask"])
         return texts

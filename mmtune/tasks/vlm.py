@@ -15,10 +15,13 @@ from mmtune.data.samplers import stratified_sample
 from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
 from mmtune.files import atomic_write
+from mmtune.losses.chunked import linear_token_loss, linear_token_loss_per_row
 from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
 from mmtune.metrics.records import SampleRecord
 from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors, vocabulary_fingerprint
+from mmtune.models.generation import generation_mode
+from mmtune.models.lm_head import hidden_states, split_head
 from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
@@ -48,6 +51,8 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
         checkpoint_weights: `trainable` (adapters and trained parts only), `full`, or `auto`.
         predictions_file: where test/predict write their JSONL (default: the run directory).
+        chunked_loss: decoder-only models compute the token loss from the final hidden states in
+            chunks, only at labelled positions, never the full logits (`mmtune.losses.chunked`).
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         gradient_checkpointing: bool = False,
         checkpoint_weights: Literal["auto", "trainable", "full"] = "auto",
         predictions_file: Optional[str] = None,
+        chunked_loss: bool = True,
     ) -> None:
         super().__init__()
         self.model_spec = as_spec(ModelSpec, model)
@@ -76,7 +82,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
             "optimizer": spec_to_dict(self.optimizer_spec), "monitor": spec_to_dict(self.monitor_spec),
             "decoding": spec_to_dict(self.decoding_spec), "chat_template": chat_template, "encoding": encoding,
             "gradient_checkpointing": gradient_checkpointing, "checkpoint_weights": checkpoint_weights,
-            "predictions_file": predictions_file,
+            "predictions_file": predictions_file, "chunked_loss": chunked_loss,
         })
         self.processor = load_processor(self.model_spec, chat_template)
         self.net: Optional[torch.nn.Module] = None
@@ -86,6 +92,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         self._seen: dict[str, dict] = {}
         self._val_chosen: Optional[frozenset[int]] = None  # validation rows to generate for (None: all)
         self._vision_side: Optional[list[torch.nn.Parameter]] = None
+        self._split: Optional[tuple] = None  # (net, its SplitHead or None) for the chunked loss
 
     # ---- build -------------------------------------------------------------------------------------
     def _trainable_only(self) -> bool:
@@ -155,13 +162,30 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
             return self.net(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits, False
         return self.net(**inputs, use_cache=False).logits, True
 
+    def _hidden_and_head(self, batch: dict):
+        """(final hidden states, lm_head) where the chunked loss applies (decoder-only, plain head), else None."""
+        if not self.hparams.get("chunked_loss", True) or self._device_mesh is not None:
+            return None
+        if self._split is None or self._split[0] is not self.net:
+            self._split = (self.net, split_head(self.net))
+        split = self._split[1]
+        return None if split is None else (hidden_states(split, self._inputs(batch["inputs"])), split.head)
+
     def loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed token cross entropy over labeled tokens and the token count of a batch."""
+        chunked = self._hidden_and_head(batch)
+        if chunked is not None:
+            hidden, head = chunked
+            return linear_token_loss(hidden, head.weight, head.bias, batch["labels"])
         logits, shift = self._logits(batch)
         return token_loss(logits, batch["labels"], shift=shift)
 
     def sample_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`loss_sums` per sample (batch row): `[B]` summed token losses and token counts."""
+        chunked = self._hidden_and_head(batch)
+        if chunked is not None:
+            hidden, head = chunked
+            return linear_token_loss_per_row(hidden, head.weight, head.bias, batch["labels"], rows=len(batch["labels"]))
         logits, shift = self._logits(batch)
         return token_loss_per_row(logits, batch["labels"], rows=len(batch["labels"]), shift=shift)
 
@@ -238,18 +262,14 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
     @torch.no_grad()
     def generate_batch(self, inputs: dict) -> list[str]:
         """Answers for a batch of prompt inputs (from the encoding's `prompt_batch`)."""
-        was_training = self.net.training
-        self.net.eval()
         inputs = self._inputs({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
         tok = self.processor.tokenizer
         prompt_ids = inputs.get("input_ids")
         if prompt_ids is not None:
             prompt_ids = prompt_ids.clone()  # some families' generate edits the ids in place
-        try:
+        with generation_mode(self.net):  # eval, KV cache on, checkpointing off; training state restored after
             out = self.net.generate(**inputs, **self.decoding_spec.generate_kwargs(), **self.encoding.generate_kwargs(),
                                     use_cache=True)
-        finally:
-            self.net.train(was_training)
         if prompt_ids is not None and not is_encoder_decoder(self._raw()):
             out = out[:, answer_start(out, prompt_ids, inputs.get("input_ids")):]
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
