@@ -118,9 +118,13 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         """Gives the data module the tokenizer (with the chosen chat template)."""
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and hasattr(dm, "connect"):
-            dm.connect(self.tokenizer)
+            self.connect_data(dm)
             self._packing = bool(getattr(dm, "packing", False)) and stage == "fit"
             self.check_packing_support(self._packing)  # the model may already be built (validate, then fit)
+
+    def connect_data(self, dm) -> None:
+        """Hands the data module the tokenizer (a seam: the preference task also says how to read rows)."""
+        dm.connect(self.tokenizer)
 
     def check_packing_support(self, packing: bool) -> None:
         """Packed rows rely on transformers turning restarting position ids into per-sample attention;
