@@ -9,6 +9,7 @@ from typing import Literal, Optional
 import torch
 
 from mmtune.data.text_tokens import IGNORE
+from mmtune.errors import ConfigError
 from mmtune.losses.preference import (PREFERENCE_LOSSES, PreferenceSpec, SequenceLogps,  # noqa: F401 (re-export)
                                      batch_means)
 from mmtune.metrics.records import SampleRecord
@@ -74,6 +75,11 @@ class DPOTask(CausalLMTask):
                          checkpoint_weights, predictions_file)
         self.preference_spec = as_spec(PreferenceSpec, preference)
         self.preference_loss = PREFERENCE_LOSSES.get(self.preference_spec.loss)
+        if self.preference_loss.needs_reference and self.adapter_spec.rewrites_base:
+            raise ConfigError(f"adapter.init {self.adapter_spec.init!r} rewrites the base weights, so the base with "
+                              f"adapters off is no longer the starting model that preference.loss "
+                              f"{self.preference_spec.loss!r} measures rewards against; use init default or gaussian, "
+                              "or a reference-free loss (orpo, simpo)")
         self.hparams["preference"] = spec_to_dict(self.preference_spec)
         self._ref: Optional[torch.nn.Module] = None
 
@@ -95,7 +101,7 @@ class DPOTask(CausalLMTask):
 
     def _reference_logps(self, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        with torch.no_grad():
+        with torch.no_grad():  # prompt tuning's virtual tokens come first in the logits: keep the real positions
             if self._ref is not None:
                 logits = self._ref.to(self.device)(**inputs, use_cache=False).logits
             else:

@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
+from mmtune.adapters import (AdapterReport, apply_adapter, check_quantized_training, lora_plus_scale, merged_copy,
+                             optimizer_parameters, part_lookup)
 from mmtune.data.samplers import stratified_sample
 from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
@@ -356,8 +357,9 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
-                                          part_of=part_lookup(vlm_parts(self._raw())), part_names=PARTS_DOC)
+        return common.adamw_with_schedule(self.trainer, optimizer_parameters(self.net), self.optimizer_spec,
+                                          part_of=part_lookup(vlm_parts(self._raw())), part_names=PARTS_DOC,
+                                          lr_scale=lora_plus_scale(self.adapter_spec))
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:
