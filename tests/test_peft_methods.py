@@ -69,7 +69,8 @@ def _val_losses(run: Path) -> list[float]:
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_prefix_and_prompt_tuning_train_save_reload_and_export(tmp_path, qwen2, repeat_data, method):
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     start = CausalLMTask(ModelSpec(name=str(qwen2)), AdapterSpec(method=method, num_virtual_tokens=4))
     start.configure_model()
@@ -93,8 +94,8 @@ def test_prefix_and_prompt_tuning_train_save_reload_and_export(tmp_path, qwen2, 
     run_cli("export", "--ckpt_path", ckpt, "--out", out)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     note = (out / "LOADING.md").read_text()
-    assert "AutoPeftModelForCausalLM" in note and str(qwen2) in note
-    model = AutoPeftModelForCausalLM.from_pretrained(out).eval()  # what the note says to run
+    assert "PeftModel.from_pretrained" in note and str(qwen2) in note
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen2), out).eval()  # what the note says
     with torch.no_grad():
         got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(got[:, -batch["input_ids"].shape[1]:], trained, atol=1e-5)

@@ -18,6 +18,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ConfigError
 from mmtune.registry import Registry
 
@@ -58,6 +59,16 @@ class PreferenceSpec:
 
 
 # ---- the losses, on plain tensors ------------------------------------------------------------------------
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's labeled tokens (float32), and the number of those tokens.
+    Decoder-only models predict the next token (`shift`); an encoder-decoder's logits line up with its labels."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
              beta: float) -> dict[str, torch.Tensor]:

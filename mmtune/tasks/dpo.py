@@ -8,22 +8,13 @@ from typing import Literal, Optional
 
 import torch
 
-from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ConfigError
 from mmtune.losses.preference import (PREFERENCE_LOSSES, PreferenceSpec, SequenceLogps,  # noqa: F401 (re-export)
-                                     batch_means)
+                                     batch_means, sequence_logps)
 from mmtune.metrics.records import SampleRecord
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 from mmtune.tasks.sft import CausalLMTask, GenerationSpec
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each row's labeled tokens, and the number of those tokens."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = shift_labels != IGNORE
-    token_logps = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
 def preference_terms(policy: torch.Tensor, reference: Optional[torch.Tensor], counts: torch.Tensor,

@@ -315,7 +315,7 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         out = Path(out_dir)
         if not self.adapter_spec.mergeable:
             return export_unmerged(self.net, out, self.adapter_spec.method, self.model_spec.name, "causal_lm",
-                                   self.tokenizer, "AutoPeftModelForCausalLM", "AutoTokenizer")
+                                   self.tokenizer, "AutoModelForCausalLM", "AutoTokenizer")
         merged = merged_copy(self.net, self.model_spec.quantization != "none",
                              lambda: self._adapt(load_causal_lm(self.model_spec, quantize=False))[0])
         if resolve_hf_ref(self.model_spec).gguf_file:
