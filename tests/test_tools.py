@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import hashlib
 import importlib.util
 from collections import Counter
@@ -50,3 +51,13 @@ def test_efficientnet_lite_weights_convert_to_timm(tmp_path):
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and model.num_classes == 4
     # real ImageNet weights, not a fresh init: BatchNorm statistics were learned
     assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+def test_preference_benchmark_quick_run(capsys):
+    """`tools/bench_preference.py --quick`: every loss trains a few steps on both sides and is timed."""
+    results = _load("bench_preference").main(["--quick", "--threads", "1"])
+    assert set(results) == {"dpo", "kto", "orpo", "simpo"}
+    for loss, sides in results.items():
+        for side in ("mmtune", "trl"):
+            assert sides[side]["steps_per_s"] > 0 and math.isfinite(sides[side]["last_loss"]), (loss, side)
+    assert "steps/s" in capsys.readouterr().out
