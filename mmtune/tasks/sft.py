@@ -164,8 +164,11 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         self.check_packing_support(self._packing)
         if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2)
             raw = self._raw()
-            prefix = "base_model.model." if raw is not self.net else ""
-            common.shard_fsdp2(self.net, self.device_mesh, [prefix + b for b in decoder_layers(raw)])
+            # where peft put the base model: `base_model.model.` under LoRA, `base_model.` under prompt learning
+            at = next(name for name, module in self.net.named_modules() if module is raw)
+            prefix = f"{at}." if at else ""
+            blocks = [self.net.get_submodule(prefix + b) for b in decoder_layers(raw)]
+            common.shard_fsdp2(self.net, self.device_mesh, blocks)
 
     def _adapt(self, net: torch.nn.Module) -> tuple[torch.nn.Module, AdapterReport]:
         parts = lm_parts(net)
