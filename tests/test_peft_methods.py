@@ -192,11 +192,11 @@ def test_reference_based_preference_losses_refuse_inits_that_rewrite_the_base(qw
 
 # ---- LoRA+ -----------------------------------------------------------------------------------------------------
 
-def test_lora_plus_puts_b_matrices_in_their_own_groups_at_the_scaled_rate(qwen2):
+def test_lora_plus_puts_b_matrices_in_their_own_groups_at_the_scaled_rate(qwen2, tmp_path):
     task = CausalLMTask(ModelSpec(name=str(qwen2)), AdapterSpec(method="lora", r=4, lora_plus_ratio=16, parts={"embeddings": "full"}),
                         OptimizerSpec(lr=1e-3, weight_decay=0.1, warmup=0, part_lrs={"embeddings": 1e-4}))
     task.configure_model()
-    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
     task.trainer = trainer
     optimizer = task.configure_optimizers()["optimizer"]
     names = {id(p): n for n, p in task._raw().named_parameters()}

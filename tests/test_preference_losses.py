@@ -318,7 +318,7 @@ def test_reference_free_losses_skip_the_reference_pass(tmp_path, qwen2):
         dm = PreferenceData(path=str(train), val_path=str(train), max_length=64, batch_size=4)
         trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0)
+                            limit_val_batches=0, default_root_dir=tmp_path)
         task.configure_model()
         task._reference_logps = lambda batch: pytest.fail("a reference pass")  # noqa: B023
         trainer.fit(task, datamodule=dm)
