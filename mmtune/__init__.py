@@ -26,6 +26,7 @@ _PUBLIC = {
     "QueryDocData": "mmtune.data.text_pairs",
     "AugmentSpec": "mmtune.data.transforms",
     "VisionTextData": "mmtune.data.vl_data",
+    "VisionPreferenceData": "mmtune.data.vl_preference",
     "VisualFields": "mmtune.data.vl_samples",
     "ConfigError": "mmtune.errors",
     "DataError": "mmtune.errors",
@@ -38,11 +39,12 @@ _PUBLIC = {
     "ImageTextAlignmentTask": "mmtune.tasks.alignment",
     "ImageClassificationTask": "mmtune.tasks.classification",
     "DPOTask": "mmtune.tasks.dpo",
-    "PreferenceSpec": "mmtune.tasks.dpo",
+    "PreferenceSpec": "mmtune.losses.preference",
     "CausalLMTask": "mmtune.tasks.sft",
     "GenerationSpec": "mmtune.tasks.sft",
     "DecodingSpec": "mmtune.tasks.vlm",
     "VisionLanguageTask": "mmtune.tasks.vlm",
+    "VisionPreferenceTask": "mmtune.tasks.vlm_preference",
 }
 
 __all__ = sorted(_PUBLIC)

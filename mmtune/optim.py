@@ -25,6 +25,7 @@ def param_groups(
     part_of: Optional[Callable[[str], str]] = None,
     part_names: Iterable[str] = (),
     no_decay: Iterable[str] = (),
+    lr_scale: Optional[Callable[[str], float]] = None,
 ) -> list[dict]:
     """Groups trainable parameters by (lr, weight_decay).
 
@@ -36,6 +37,8 @@ def param_groups(
         part_of: parameter name -> part name; needed for `spec.part_lrs`.
         part_names: the model's part names, to reject typos in `spec.part_lrs`.
         no_decay: parameter names (or prefixes) never decayed, e.g. position embeddings.
+        lr_scale: parameter name -> a multiplier of its rate, applied last (LoRA+'s B matrices:
+            `mmtune.adapters.lora_plus_scale`).
     """
     part_lrs = spec.all_part_lrs()
     unknown = sorted(set(part_lrs) - set(part_names))
@@ -55,6 +58,8 @@ def param_groups(
             lr = part_lrs.get(part_of(name), lr)
         if spec.layer_decay is not None:
             lr *= spec.layer_decay ** (top - layer_ids.get(name, top))
+        if lr_scale is not None:
+            lr *= lr_scale(name)
         decays = param.ndim > 1 and not name.endswith(".bias") and not any(
             name == n or name.startswith(n + ".") for n in no_decay
         )

@@ -60,13 +60,20 @@ UNSAFE_MODEL_KWARGS = {
 }
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+PROMPT_LEARNING = ("prefix", "prompt")  # peft's prompt-learning methods: virtual tokens, no target layers
+
+
 @dataclass
 class AdapterSpec:
     """Which weights train, and how (applied by `mmtune.adapters.apply_adapter` on top of peft).
 
     Args:
-        method: `none` (no adapter), or a peft method: `lora`, `dora`, `ia3`, `loha`, `lokr`.
-        r: adapter rank (LoRA/DoRA/LoHa/LoKr).
+        method: `none` (no adapter), or a peft method: `lora`, `dora`, `ia3`, `loha`, `lokr`, `vera`
+            (layer adapters, merged into the weights at export), `prefix` (prefix tuning: trained key/value
+            prefixes in every attention layer) or `prompt` (prompt tuning: trained input embeddings);
+            prefix and prompt apply to causal LMs and the language model of VLMs and export as adapters.
+        r: adapter rank (LoRA/DoRA/LoHa/LoKr; VeRA's shared projections, which want a larger r, e.g. 256).
         alpha: LoRA scaling numerator (effective scale alpha/r, or alpha/sqrt(r) with `rslora`).
         dropout: dropout on the adapter input.
         targets: `auto` (the model family's default table), a list of module names (a name matches
@@ -78,9 +85,16 @@ class AdapterSpec:
             Linear probe: `method: none, parts: {backbone: frozen}`.
         train_last_n_blocks: also train the last N blocks of the backbone entirely (0: none).
         rslora: rank-stabilized LoRA scaling.
+        init: LoRA's initialization (peft's `init_lora_weights`): `default` (A random, B zero),
+            `gaussian`, `pissa` (A, B from the principal singular vectors; the base keeps the rest),
+            `olora` (from a QR decomposition) or `loftq` (a quantization-aware start, `loftq_bits`).
+            pissa, olora and loftq rewrite the base weights so the model's outputs stay the same at step 0.
+        loftq_bits: bits of LoftQ's quantization (4: nf4, 8: int8); LoftQ needs a CUDA or XPU GPU.
+        lora_plus_ratio: LoRA+: the B matrices learn at this multiple of their group's rate (e.g. 16).
+        num_virtual_tokens: virtual tokens of prefix and prompt tuning.
     """
 
-    method: Literal["none", "lora", "dora", "ia3", "loha", "lokr"] = "none"
+    method: Literal["none", "lora", "dora", "ia3", "loha", "lokr", "vera", "prefix", "prompt"] = "none"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -89,6 +103,36 @@ class AdapterSpec:
     parts: dict[str, PartPolicy] = field(default_factory=dict)
     train_last_n_blocks: int = 0
     rslora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    loftq_bits: int = 4
+    lora_plus_ratio: Optional[float] = None
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if self.init != "default" and self.method not in ("lora", "dora"):
+            raise ConfigError(f"adapter.init {self.init!r} is a LoRA initialization; adapter.method is {self.method!r}")
+        if self.init in ("pissa", "olora", "loftq") and self.method != "lora":
+            raise ConfigError(f"adapter.init {self.init!r} needs adapter.method: lora (got {self.method!r})")
+        if self.lora_plus_ratio is not None:
+            if self.method not in ("lora", "dora"):
+                raise ConfigError(f"adapter.lora_plus_ratio needs adapter.method lora or dora (got {self.method!r})")
+            if self.lora_plus_ratio <= 0:
+                raise ConfigError(f"adapter.lora_plus_ratio must be positive, got {self.lora_plus_ratio}")
+        if self.loftq_bits not in (4, 8):
+            raise ConfigError(f"adapter.loftq_bits must be 4 or 8 (peft's LoftQ quantizes to nf4 or int8), got {self.loftq_bits}")
+        if self.method in PROMPT_LEARNING and self.num_virtual_tokens < 1:
+            raise ConfigError(f"adapter.num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}")
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the adapter folds into the base weights (prefix and prompt tuning add inputs instead)."""
+        return self.method not in PROMPT_LEARNING
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the adapter's initialization changes the base weights (PiSSA, OLoRA, LoftQ): the base
+        with adapters switched off is then no longer the starting model."""
+        return self.init in ("pissa", "olora", "loftq")
 
 
 @dataclass

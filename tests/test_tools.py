@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import hashlib
 import importlib.util
 from collections import Counter
@@ -73,3 +74,12 @@ def test_gpu_check_runs_every_row_on_tiny_models_on_cpu(tmp_path, one_torch_thre
     flops = gpu_check.flops_per_token(LlamaConfig(vocab_size=32000, **gpu_check.LLAMA_1B), 1024)
     assert 6.0e9 < flops < 7.5e9
     assert gpu_check.peak_flops("NVIDIA H200") == 989e12 and gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12
+
+def test_preference_benchmark_quick_run(capsys):
+    """`tools/bench_preference.py --quick`: every loss trains a few steps on both sides and is timed."""
+    results = _load("bench_preference").main(["--quick", "--threads", "1"])
+    assert set(results) == {"dpo", "kto", "orpo", "simpo"}
+    for loss, sides in results.items():
+        for side in ("mmtune", "trl"):
+            assert sides[side]["steps_per_s"] > 0 and math.isfinite(sides[side]["last_loss"]), (loss, side)
+    assert "steps/s" in capsys.readouterr().out

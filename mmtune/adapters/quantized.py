@@ -17,6 +17,10 @@ def check_quantized_training(model: ModelSpec, adapter: AdapterSpec) -> None:
     """Quantized weights cannot train: a quantized base needs adapters."""
     if model.quantization != "none" and adapter.method == "none":
         raise ConfigError("model.quantization needs an adapter (adapter.method: lora): quantized weights cannot train")
+    if model.quantization != "none" and adapter.rewrites_base:
+        raise ConfigError(f"adapter.init {adapter.init!r} rewrites the base weights, which a quantized base "
+                          "(model.quantization) cannot hold; load the base unquantized (init: loftq is LoftQ's own "
+                          "quantization-aware start)")
 
 
 def merged_copy(net: nn.Module, quantized: bool, rebuild_adapted: Callable[[], nn.Module]) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Preference data for DPO/IPO: (prompt, chosen, rejected) rows -> paired token ids with reply-only labels."""
+"""Preference data: (prompt, chosen, rejected) rows -> paired token ids with reply-only labels (DPO, IPO,
+ORPO, SimPO), and unpaired (prompt, completion, label) rows -> labeled completions (KTO)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from mmtune.data.text_tokens import IGNORE, Tokenized, tokenize_conversation
 from mmtune.errors import DataError
 
 PREFERENCE_COLUMNS = {"prompt", "chosen", "rejected"}
+UNPAIRED_COLUMNS = {"prompt", "completion", "label"}
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 
 
 @dataclass
@@ -24,6 +27,18 @@ class Preference:
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
+    origin: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    """An unpaired row (TRL's unpaired preference format): a prompt, one assistant reply and whether the
+    reply is desirable (`label: true`) or undesirable (`label: false`)."""
+
+    prompt: list[dict[str, str]]
+    completion: str
+    desirable: bool
     origin: str
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -44,6 +59,45 @@ def _reply(value: Any, origin: str, key: str) -> tuple[list[dict[str, str]], str
     if turns[-1]["role"] != "assistant":
         raise DataError(f"{origin}: the last turn of {key!r} must be the assistant's reply")
     return turns[:-1], turns[-1]["content"]
+
+
+def _label(value: Any, origin: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise DataError(f"{origin}: field 'label' must be true or false (desirable or not), got {value!r}")
+
+
+def row_to_completion(row: dict, origin: str) -> Completion:
+    """`{prompt, completion, label}`: prompt and completion as text or turns (the completion's last turn
+    is the assistant's reply), label true/false (also 1/0, "true"/"false" from CSV)."""
+    for key in ("prompt", "completion", "label"):
+        if row.get(key) is None:
+            raise DataError(f"{origin}: missing field {key!r} of an unpaired row (fields: "
+                            f"{sorted(k for k, v in row.items() if v is not None)})")
+    head, reply = _reply(row["completion"], origin, "completion")
+    if not reply.strip():
+        raise DataError(f"{origin}: empty completion")
+    meta = {k: v for k, v in row.items() if k not in UNPAIRED_COLUMNS and k is not None}
+    return Completion(_turns(row["prompt"], origin, "prompt") + head, reply, _label(row["label"], origin), origin, meta)
+
+
+def read_preference_row(row: dict, origin: str):
+    """A paired row (`chosen`/`rejected`) as a `Preference`, an unpaired one (`completion`/`label`) as a
+    `Completion`."""
+    paired = row.get("chosen") is not None or row.get("rejected") is not None
+    if not paired and (row.get("completion") is not None or row.get("label") is not None):
+        return row_to_completion(row, origin)
+    return row_to_preference(row, origin)
+
+
+def unpair(pref: Preference) -> list[Completion]:
+    """A pair as two unpaired rows, the chosen reply desirable and the rejected one not (as TRL's KTO does)."""
+    return [Completion(pref.prompt, pref.chosen, True, f"{pref.origin} chosen", pref.meta),
+            Completion(pref.prompt, pref.rejected, False, f"{pref.origin} rejected", pref.meta)]
 
 
 def row_to_preference(row: dict, origin: str) -> Preference:
@@ -77,45 +131,107 @@ class PairCollator:
         return batch
 
 
-class PreferenceData(TextData):
-    """Preference pairs for `DPOTask` from JSON/JSONL/CSV/Parquet files.
+@dataclass
+class CompletionTokens(Tokenized):
+    """A tokenized unpaired row: its first `prompt_len` tokens are the prompt, the rest the completion."""
 
-    Rows: `{"prompt": text or turns, "chosen": text or turns, "rejected": text or turns}`, or the messages
-    form `{"chosen": [turns], "rejected": [turns]}` (the shared turns before the last are the prompt).
+    prompt_len: int = 0
+    desirable: bool = True
+
+
+def mismatched(prompt: CompletionTokens, reply: CompletionTokens, max_length: int) -> Tokenized:
+    """One row's prompt followed by another row's completion (KTO's reference-point estimate), cut at
+    `max_length`."""
+    ids = prompt.input_ids[:prompt.prompt_len] + reply.input_ids[reply.prompt_len:]
+    labels = [IGNORE] * prompt.prompt_len + reply.labels[reply.prompt_len:]
+    return Tokenized(ids[:max_length], labels[:max_length], prompt.origin, prompt.meta)
+
+
+class UnpairedCollator:
+    """KTO batches: the n rows, then n mismatched rows (row i's prompt with row i-1's completion, the
+    rotation TRL uses, so the mismatched completions are the batch's own), padded together so the
+    reference scores all 2n rows in one pass. `desirable` holds the n labels."""
+
+    def __init__(self, pad_id: int, max_length: int) -> None:
+        self.inner = Collator(pad_id)
+        self.max_length = max_length
+
+    def __call__(self, items: list[list[CompletionTokens]]) -> dict[str, torch.Tensor]:
+        rows = [item[0] for item in items]
+        kl_rows = [mismatched(rows[i], rows[i - 1], self.max_length) for i in range(len(rows))]
+        batch = self.inner([[r] for r in rows] + [[r] for r in kl_rows])
+        batch["desirable"] = torch.tensor([r.desirable for r in rows])
+        for key in ("origins", "meta", "sample_id"):
+            batch[key] = batch[key][:len(rows)]
+        return batch
+
+
+class PreferenceData(TextData):
+    """Preference data for `DPOTask` from JSON/JSONL/CSV/Parquet files.
+
+    Paired rows (DPO, IPO, ORPO, SimPO; KTO splits each into a desirable and an undesirable row):
+    `{"prompt": text or turns, "chosen": text or turns, "rejected": text or turns}`, or the messages form
+    `{"chosen": [turns], "rejected": [turns]}` (the shared turns before the last are the prompt).
+    Unpaired rows (KTO only, TRL's unpaired format): `{"prompt": ..., "completion": ..., "label": true|false}`.
     Labels cover the final reply only. Arguments as in `TextData`; `packing` is not supported.
     """
 
+    unpaired = False  # set by the task through `connect`: KTO reads rows one by one
+
     def _read(self, source: TextSource) -> list:
         rows, origins = _load_rows(Path(source.path).expanduser())
-        return [row_to_preference(row, origin) for row, origin in zip(rows, origins)]
+        return [read_preference_row(row, origin) for row, origin in zip(rows, origins)]
 
-    def _reply_tokens(self, pref: Preference, reply: str) -> Tokenized:
-        conv = Conversation(pref.prompt + [{"role": "assistant", "content": reply}], pref.origin)
+    def connect(self, tokenizer, unpaired: bool = False) -> None:
+        """Tokenizes every split for a paired loss, or (`unpaired`, KTO) one row per completion."""
+        if unpaired != self.unpaired:
+            self.tokenized = {}
+        self.unpaired = unpaired
+        super().connect(tokenizer)
+
+    def _reply_tokens(self, prompt: list[dict[str, str]], reply: str, origin: str, meta: dict) -> tuple[Tokenized, int]:
+        conv = Conversation(prompt + [{"role": "assistant", "content": reply}], origin)
         item = tokenize_conversation(self.tokenizer, conv, assistant_only=True)
-        prompt_len = len(self.tokenizer.apply_chat_template(pref.prompt, add_generation_prompt=True, tokenize=True,
+        prompt_len = len(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)["input_ids"])
         labels = [IGNORE] * prompt_len + item.labels[prompt_len:]  # earlier assistant turns are context
-        return Tokenized(item.input_ids, labels, pref.origin, pref.meta)
+        return Tokenized(item.input_ids, labels, origin, meta), prompt_len
+
+    def _examples(self, samples: list) -> list[list[Tokenized]]:
+        """Each sample's rows: [chosen, rejected] for a pair, [completion] for an unpaired row."""
+        out = []
+        for sample in samples:
+            if isinstance(sample, Completion) and not self.unpaired:
+                raise DataError(f"{sample.origin}: an unpaired row (prompt/completion/label) needs preference.loss: kto; "
+                                "the other losses need paired rows (prompt/chosen/rejected)")
+            if isinstance(sample, Preference) and not self.unpaired:
+                out.append([self._reply_tokens(sample.prompt, reply, sample.origin, sample.meta)[0]
+                            for reply in (sample.chosen, sample.rejected)])
+                continue
+            for row in unpair(sample) if isinstance(sample, Preference) else [sample]:
+                item, prompt_len = self._reply_tokens(row.prompt, row.completion, row.origin, row.meta)
+                out.append([CompletionTokens(item.input_ids, item.labels, item.origin, item.meta, prompt_len,
+                                             row.desirable)])
+        return out
 
     def _tokenize(self, samples: list) -> tuple[list, dict[str, int]]:
         if self.packing:
             raise DataError("data.packing is not supported for preference data")
         out = []
         st = {"samples": len(samples), "truncated": 0, "dropped": 0, "no_target": 0, "tokens": 0}
-        for pref in samples:
-            pair = [self._reply_tokens(pref, pref.chosen), self._reply_tokens(pref, pref.rejected)]
-            if max(len(x) for x in pair) > self.max_length:
+        for rows in self._examples(samples):
+            if max(len(x) for x in rows) > self.max_length:
                 if self.overlong == "drop":
                     st["dropped"] += 1
                     continue
                 st["truncated"] += 1
-                pair = [replace(x, input_ids=x.input_ids[:self.max_length], labels=x.labels[:self.max_length])
-                        for x in pair]
-            if any(all(label == IGNORE for label in x.labels[1:]) for x in pair):
+                rows = [replace(x, input_ids=x.input_ids[:self.max_length], labels=x.labels[:self.max_length])
+                        for x in rows]
+            if any(all(label == IGNORE for label in x.labels[1:]) for x in rows):
                 st["no_target"] += 1
                 continue
-            st["tokens"] += sum(len(x) for x in pair)
-            out.append(pair)
+            st["tokens"] += sum(len(x) for x in rows)
+            out.append(rows)
         return out, st
 
     def _rows(self, split: str, packed: bool):
@@ -127,4 +243,6 @@ class PreferenceData(TextData):
         return TokenDataset(items)
 
     def _collator(self, packed: bool):
+        if self.unpaired:
+            return UnpairedCollator(self.tokenizer.pad_token_id, self.max_length)
         return PairCollator(self.tokenizer.pad_token_id)

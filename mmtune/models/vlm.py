@@ -157,3 +157,15 @@ def image_token_ids(processor, model: nn.Module) -> set[int]:
 
 def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+# Families whose multimodal rotary positions are computed from the input ids and the attention mask
+# (Qwen2-VL's 3-D rope): prompt tuning hands the model embeddings without ids, so image tokens would get
+# text positions silently, and prefix tuning's longer mask breaks the position computation.
+POSITIONS_FROM_IDS = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
+
+def takes_prompt_learning(model: nn.Module) -> bool:
+    """Whether peft's prefix and prompt tuning apply to this VLM's language model: decoder-only
+    families whose positions do not depend on the input ids (checked on tiny LLaVA and Idefics3)."""
+    return not is_encoder_decoder(model) and getattr(model.config, "model_type", None) not in POSITIONS_FROM_IDS

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter, part_lookup
+from mmtune.adapters import AdapterReport, apply_adapter, lora_plus_scale, merge_adapter, part_lookup
 from mmtune.errors import ConfigError
 from mmtune.losses.contrastive import LOSSES
 from mmtune.metrics.records import SampleRecord
@@ -282,7 +282,8 @@ class ImageTextAlignmentTask(common.RunHooks, L.LightningModule):
         part_of = part_lookup(self.family.parts)
         no_decay = [n for n, _ in self._raw().named_parameters() if n.split(".")[-1] in ("logit_scale", "logit_bias")]
         return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
-                                          part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay)
+                                          part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay,
+                                          lr_scale=lora_plus_scale(self.adapter_spec))
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:

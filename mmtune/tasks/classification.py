@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, merge_adapter
+from mmtune.adapters import AdapterReport, apply_adapter, lora_plus_scale, merge_adapter
 from mmtune.errors import ConfigError, DataError
 from mmtune.evaluation.calibration import calibrate, parse_operating_point, positive_index
 from mmtune.files import atomic_write, update_json
@@ -371,6 +371,7 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
         return common.adamw_with_schedule(
             self.trainer, raw.named_parameters(), self.optimizer_spec,
             layer_ids=layer_ids, part_of=part_of, part_names=PARTS_DOC, no_decay=no_decay,
+            lr_scale=lora_plus_scale(self.adapter_spec),
         )
 
     # ---- export --------------------------------------------------------------------------------------

@@ -1,17 +1,17 @@
-"""Direct preference optimization (DPO, IPO) of causal language models on (prompt, chosen, rejected) data."""
+"""Preference tuning of causal language models: DPO, IPO, ORPO, SimPO on (prompt, chosen, rejected) pairs and
+KTO on unpaired (prompt, completion, label) rows. The losses are pure functions in `mmtune.losses.preference`."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
-from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ConfigError
 from mmtune.losses.chunked import linear_token_loss_per_row
+from mmtune.losses.preference import (PREFERENCE_LOSSES, PreferenceSpec, SequenceLogps,  # noqa: F401 (re-export)
+                                     batch_means, sequence_logps)
 from mmtune.metrics.records import SampleRecord
 from mmtune.models.lm_head import hidden_states, split_head
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
@@ -19,73 +19,37 @@ from mmtune.tasks import common
 from mmtune.tasks.sft import CausalLMTask, GenerationSpec
 
 
-@dataclass
-class PreferenceSpec:
-    """The preference loss.
-
-    Args:
-        beta: strength of the pull towards the reference model (DPO's KL weight).
-        loss: `sigmoid` (DPO) or `ipo` (IPO: squared loss on length-normalized log-ratios).
-    """
-
-    beta: float = 0.1
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+def preference_terms(policy: torch.Tensor, reference: Optional[torch.Tensor], counts: torch.Tensor,
+                     spec: PreferenceSpec) -> dict[str, torch.Tensor]:
+    """Per-pair terms of a paired loss from log-probabilities of [chosen..., rejected...] rows
+    (`reference` may be None for the reference-free losses): `loss`, `reward_margin`, `accuracy`, ..."""
+    return PREFERENCE_LOSSES.get(spec.loss).compute(SequenceLogps(policy, counts, reference), spec)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each row's labeled tokens, and the number of those tokens."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = shift_labels != IGNORE
-    token_logps = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
-def preference_terms(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, spec: PreferenceSpec
-                     ) -> dict[str, torch.Tensor]:
-    """Per-pair loss and diagnostics from log-probabilities of [chosen..., rejected...] rows.
-
-    Returns:
-        `[pairs]` tensors: `loss` (the term to minimize), `reward_margin` (beta-scaled chosen-minus-
-        rejected implicit reward) and `accuracy` (1 where the chosen reply gets the higher reward).
-    """
-    n = len(policy) // 2
-    ratios = policy - reference
-    if spec.loss == "ipo":
-        ratios = ratios / counts.clamp(min=1)
-    diff = ratios[:n] - ratios[n:]
-    if spec.loss == "sigmoid":
-        loss = -F.logsigmoid(spec.beta * diff)
-    else:
-        loss = (diff - 1 / (2 * spec.beta)) ** 2
-    rewards = spec.beta * (policy - reference).detach()
-    margin = rewards[:n] - rewards[n:]
-    return {"loss": loss, "reward_margin": margin, "accuracy": (margin > 0).float()}
-
-
-def preference_loss(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, spec: PreferenceSpec
-                    ) -> dict[str, torch.Tensor]:
-    """`preference_terms` averaged over the batch's pairs: `loss`, mean `reward_margin`, `accuracy`
-    (share of pairs whose chosen reply gets the higher reward)."""
-    return {name: value.mean() for name, value in preference_terms(policy, reference, counts, spec).items()}
+def preference_loss(policy: torch.Tensor, reference: Optional[torch.Tensor], counts: torch.Tensor,
+                    spec: PreferenceSpec) -> dict[str, torch.Tensor]:
+    """`preference_terms` averaged over the batch's pairs."""
+    return batch_means(preference_terms(policy, reference, counts, spec))
 
 
 @common.TASKS.register("dpo")
 class DPOTask(CausalLMTask):
-    """Preference tuning with DPO or IPO against a frozen reference model.
+    """Preference tuning with DPO, IPO, KTO, ORPO or SimPO (`preference.loss`).
 
-    With an adapter the reference is the same network with its adapters switched off (no second copy
-    in memory); a full fine-tune keeps a frozen copy of the starting weights.
+    DPO, IPO and KTO measure rewards against a frozen reference model: with an adapter it is the same
+    network with its adapters switched off (no second copy in memory); a full fine-tune keeps a frozen
+    copy of the starting weights. ORPO and SimPO need no reference: no copy and no reference pass.
 
     Args:
         model, adapter, optimizer, monitor, chat_template, gradient_checkpointing, generation,
         checkpoint_weights, predictions_file, chunked_loss: as in `CausalLMTask`.
-        preference: beta and loss variant.
+        preference: the loss and its hyperparameters.
     """
 
     # Rewards are measured against the reference model: an exported model as the baseline would be its
     # own reference (every reward 0), so `mmtune evaluate` takes DPO checkpoints (reference: the base).
     baseline_from_export = False
-    record_kind = "preference"  # a test record per pair
+    record_kind = "preference"  # a test record per pair (KTO: per row)
 
     def __init__(
         self,
@@ -104,16 +68,26 @@ class DPOTask(CausalLMTask):
         super().__init__(model, adapter, optimizer, monitor, chat_template, gradient_checkpointing, generation,
                          checkpoint_weights, predictions_file, chunked_loss=chunked_loss)
         self.preference_spec = as_spec(PreferenceSpec, preference)
-        if self.preference_spec.beta <= 0:
-            raise ConfigError(f"preference.beta must be positive, got {self.preference_spec.beta}")
+        self.preference_loss = PREFERENCE_LOSSES.get(self.preference_spec.loss)
+        if self.preference_loss.needs_reference and self.adapter_spec.rewrites_base:
+            raise ConfigError(f"adapter.init {self.adapter_spec.init!r} rewrites the base weights, so the base with "
+                              f"adapters off is no longer the starting model that preference.loss "
+                              f"{self.preference_spec.loss!r} measures rewards against; use init default or gaussian, "
+                              "or a reference-free loss (orpo, simpo)")
         self.hparams["preference"] = spec_to_dict(self.preference_spec)
         self._ref: Optional[torch.nn.Module] = None
+
+    def connect_data(self, dm) -> None:
+        if hasattr(dm, "unpaired"):  # preference data: KTO reads one row per completion
+            dm.connect(self.tokenizer, unpaired=self.preference_loss.unpaired)
+        else:
+            dm.connect(self.tokenizer)
 
     def configure_model(self) -> None:
         if self.net is not None:
             return
         super().configure_model()
-        if self.adapter_spec.method == "none":
+        if self.adapter_spec.method == "none" and self.preference_loss.needs_reference:
             # A full fine-tune changes every weight: the reference must be a frozen copy. It is kept out
             # of the module tree so checkpoints and the optimizer never see it.
             ref = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -124,8 +98,8 @@ class DPOTask(CausalLMTask):
         (`chunked_loss`), so the full logits of chosen and rejected rows never exist."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
         split = split_head(net) if self.hparams.get("chunked_loss", True) and self._device_mesh is None else None
-        if split is None:
-            return sequence_logps(net(**inputs, use_cache=False).logits, batch["labels"])
+        if split is None:  # prompt tuning's virtual tokens come first in the logits: keep the real positions
+            return sequence_logps(net(**inputs, use_cache=False).logits[:, -batch["labels"].shape[1]:], batch["labels"])
         sums, counts = linear_token_loss_per_row(hidden_states(split, inputs), split.head.weight, split.head.bias,
                                                  batch["labels"], rows=len(batch["labels"]))
         return -sums, counts
@@ -137,33 +111,65 @@ class DPOTask(CausalLMTask):
             with self.net.disable_adapter():
                 return self._logps(self.net, batch)[0]
 
+    def measure(self, batch: dict) -> SequenceLogps:
+        """What the chosen loss needs from the model on one batch (only that: no reference pass for the
+        reference-free losses; for KTO, also the mismatched rows that estimate its reference point)."""
+        needs_reference = self.preference_loss.needs_reference
+        if not self.preference_loss.unpaired:
+            policy, counts = self._logps(self.net, batch)
+            return SequenceLogps(policy, counts, self._reference_logps(batch) if needs_reference else None)
+        n = len(batch["desirable"])
+        rows = _rows(batch, slice(0, n))
+        policy, counts = self._logps(self.net, rows)
+        with torch.no_grad():
+            kl_policy = self._logps(self.net, _rows(batch, slice(n, 2 * n)))[0]
+        reference = self._reference_logps(batch)  # matched and mismatched rows in one pass
+        return SequenceLogps(policy, counts, reference[:n], batch["desirable"], kl_policy, reference[n:])
+
     def loss_terms(self, batch: dict, per_pair: bool = False) -> dict[str, torch.Tensor]:
-        """`loss` to minimize plus `reward_margin` and `accuracy` for the logs: batch means, or `[pairs]`
-        tensors with `per_pair`."""
-        policy, counts = self._logps(self.net, batch)
-        terms = preference_terms if per_pair else preference_loss
-        return terms(policy, self._reference_logps(batch), counts, self.preference_spec)
+        """`loss` to minimize plus the loss's diagnostics (`reward_margin`, `accuracy`, ...): batch means,
+        or per-example tensors with `per_pair` (per pair; KTO: per row)."""
+        terms = self.preference_loss.compute(self.measure(batch), self.preference_spec)
+        return terms if per_pair else batch_means(terms)
+
+    def _examples(self, batch: dict) -> int:
+        return len(batch["desirable"]) if "desirable" in batch else len(batch["input_ids"]) // 2
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
-        pairs = len(batch["input_ids"]) // 2
         for name, value in terms.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=pairs)
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=self._examples(batch))
         return terms["loss"]
 
     def sample_records(self, batch: dict) -> list[SampleRecord]:
-        """One record per pair: its `loss`, `reward_margin` and `accuracy` (1/0), with the pair's origin
-        as id and its metadata columns (the batch holds the chosen rows, then the rejected ones)."""
-        terms = {name: value.tolist() for name, value in self.loss_terms(batch, per_pair=True).items()}
-        pairs = len(batch["input_ids"]) // 2
+        """One record per pair (KTO: per row): its loss terms (`loss`, `reward_margin` or `reward`,
+        `accuracy` 1/0, ...), with its origin as id and its metadata columns (a paired batch holds the
+        chosen rows, then the rejected ones)."""
+        terms = {name: value.tolist() for name, value in self.loss_terms(batch, per_pair=True).items() if value.ndim}
+        if "desirable" in batch:
+            terms["desirable"] = batch["desirable"].float().tolist()
         return [SampleRecord(id=batch["origins"][i], stats={name: values[i] for name, values in terms.items()},
-                             meta=dict(batch["meta"][i])) for i in range(pairs)]
+                             meta=dict(batch["meta"][i])) for i in range(self._examples(batch))]
 
     def records_info(self) -> dict:
-        return {**super().records_info(), "beta": self.preference_spec.beta, "loss": self.preference_spec.loss}
+        spec = self.preference_spec
+        return {**super().records_info(), "beta": spec.beta, "loss": spec.loss}
 
     def _log_metrics(self, stage: str, records: list[SampleRecord]) -> None:
-        pairs = max(len(records), 1)
-        for name in ("loss", "reward_margin", "accuracy"):
-            self.log(f"{stage}/{name}", torch.tensor(sum(r.stats[name] for r in records) / pairs),
+        count = max(len(records), 1)
+        names = [name for name in (records[0].stats if records else {"loss": 0}) if name != "desirable"]
+        for name in names:
+            self.log(f"{stage}/{name}", torch.tensor(sum(r.stats.get(name, 0.0) for r in records) / count),
                      prog_bar=name == "loss")
+        if records and "desirable" in records[0].stats:  # KTO: mean reward of desirable minus undesirable rows
+            means = [_mean([r.stats["reward"] for r in records if r.stats["desirable"] == label]) for label in (1.0, 0.0)]
+            self.log(f"{stage}/reward_margin", torch.tensor(means[0] - means[1]))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    """The model inputs and labels of some rows of a batch."""
+    return {k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}

@@ -11,7 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
+from mmtune.adapters import (AdapterReport, apply_adapter, check_quantized_training, lora_plus_scale, merged_copy,
+                             optimizer_parameters, part_lookup)
+from mmtune.adapters.unmerged import export_unmerged
 from mmtune.data.text_batches import PromptCollator
 from mmtune.data.text_reading import Conversation, prompt_conversation
 from mmtune.errors import ConfigError
@@ -127,14 +129,23 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         """Gives the data module the tokenizer (with the chosen chat template)."""
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None and hasattr(dm, "connect"):
-            dm.connect(self.tokenizer)
+            self.connect_data(dm)
             self._packing = bool(getattr(dm, "packing", False)) and stage == "fit"
             self.check_packing_support(self._packing)  # the model may already be built (validate, then fit)
+
+    def connect_data(self, dm) -> None:
+        """Hands the data module the tokenizer (a seam: the preference task also says how to read rows)."""
+        dm.connect(self.tokenizer)
 
     def check_packing_support(self, packing: bool) -> None:
         """Packed rows rely on transformers turning restarting position ids into per-sample attention;
         an attention implementation that does not would let samples see each other."""
-        if not packing or self.net is None:
+        if not packing:
+            return
+        if not self.adapter_spec.mergeable:
+            raise ConfigError(f"data.packing does not work with adapter.method {self.adapter_spec.method!r}: its "
+                              "virtual tokens would be shared by every sample of a packed row; turn packing off")
+        if self.net is None:
             return
         impl = self._raw().config._attn_implementation
         if impl not in PACKING_ATTENTION:
@@ -162,15 +173,19 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         self.check_packing_support(self._packing)
         if self._device_mesh is not None:  # ModelParallelStrategy (FSDP2)
             raw = self._raw()
-            prefix = "base_model.model." if raw is not self.net else ""
-            common.shard_fsdp2(self.net, self.device_mesh, [prefix + b for b in decoder_layers(raw)])
+            # where peft put the base model: `base_model.model.` under LoRA, `base_model.` under prompt learning
+            at = next(name for name, module in self.net.named_modules() if module is raw)
+            prefix = f"{at}." if at else ""
+            blocks = [self.net.get_submodule(prefix + b) for b in decoder_layers(raw)]
+            common.shard_fsdp2(self.net, self.device_mesh, blocks)
 
     def _adapt(self, net: torch.nn.Module) -> tuple[torch.nn.Module, AdapterReport]:
         parts = lm_parts(net)
         # With adapters, embeddings and head stay frozen (as in peft's all-linear); a full fine-tune trains all.
         frozen_default = "frozen" if self.adapter_spec.method != "none" else "full"
         defaults = {"language": "adapter", "embeddings": frozen_default, "head": frozen_default}
-        return apply_adapter(net, self.adapter_spec, "hf", parts, {p: defaults[p] for p in parts})
+        return apply_adapter(net, self.adapter_spec, "hf", parts, {p: defaults[p] for p in parts},
+                             prompt_learning="CAUSAL_LM")
 
     def _raw(self) -> torch.nn.Module:
         return self.net.get_base_model() if self.adapter_spec.method != "none" else self.net
@@ -180,7 +195,10 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # No cache: besides wasting memory, a cache makes transformers skip the packed-sample detection
         # that keeps attention inside each sample of a packed row.
-        return self.net(**inputs, use_cache=False).logits
+        if not self.adapter_spec.mergeable:
+            inputs.pop("position_ids", None)  # peft's virtual tokens shift positions itself (and refuses them)
+        # Prompt tuning puts its virtual tokens in front of the outputs: keep the real tokens' positions.
+        return self.net(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1]:]
 
     def _split_head(self) -> Optional[SplitHead]:
         """Where the chunked loss applies: the model's body and plain lm_head (None: plain loss)."""
@@ -318,14 +336,19 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
-                                          part_of=part_lookup(lm_parts(self._raw())), part_names=PARTS_DOC)
+        return common.adamw_with_schedule(self.trainer, optimizer_parameters(self.net), self.optimizer_spec,
+                                          part_of=part_lookup(lm_parts(self._raw())), part_names=PARTS_DOC,
+                                          lr_scale=lora_plus_scale(self.adapter_spec))
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:
         """Merges adapters into the base weights and writes `save_pretrained` output with the tokenizer
-        and chat template: loadable by plain transformers and by serving engines."""
+        and chat template: loadable by plain transformers and by serving engines. Prefix and prompt
+        tuning cannot merge: they export the peft adapter with a loading note (`LOADING.md`)."""
         out = Path(out_dir)
+        if not self.adapter_spec.mergeable:
+            return export_unmerged(self.net, out, self.adapter_spec.method, self.model_spec.name, "causal_lm",
+                                   self.tokenizer, "AutoModelForCausalLM", "AutoTokenizer")
         merged = merged_copy(self.net, self.model_spec.quantization != "none",
                              lambda: self._adapt(load_causal_lm(self.model_spec, quantize=False))[0])
         if resolve_hf_ref(self.model_spec).gguf_file:

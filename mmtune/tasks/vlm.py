@@ -10,7 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mmtune.adapters import AdapterReport, apply_adapter, check_quantized_training, merged_copy, part_lookup
+from mmtune.adapters import (AdapterReport, apply_adapter, check_quantized_training, lora_plus_scale, merged_copy,
+                             optimizer_parameters, part_lookup)
+from mmtune.adapters.unmerged import export_unmerged
 from mmtune.data.samplers import stratified_sample
 from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
@@ -22,7 +24,8 @@ from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors, vocabulary_fingerprint
 from mmtune.models.generation import generation_mode
 from mmtune.models.lm_head import hidden_states, split_head
-from mmtune.models.vlm import PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm, vlm_parts
+from mmtune.models.vlm import (PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm,
+                               takes_prompt_learning, vlm_parts)
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 from mmtune.tasks.vlm_decoding import DecodingSpec, answer_start
@@ -121,7 +124,9 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         with_adapter = self.adapter_spec.method != "none"
         defaults = {"vision": "frozen", "projector": "full", "language": "adapter",
                     "embeddings": "frozen" if with_adapter else "full", "head": "frozen" if with_adapter else "full"}
-        return apply_adapter(net, self.adapter_spec, "hf", parts, {p: defaults[p] for p in parts})
+        # Prefix and prompt tuning act on a decoder's input sequence (`takes_prompt_learning` says which take them).
+        return apply_adapter(net, self.adapter_spec, "hf", parts, {p: defaults[p] for p in parts},
+                             prompt_learning="CAUSAL_LM" if takes_prompt_learning(net) else None)
 
     def _raw(self) -> torch.nn.Module:
         return self.net.get_base_model() if self.adapter_spec.method != "none" else self.net
@@ -160,7 +165,8 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
             decoder_input_ids = raw.prepare_decoder_input_ids_from_labels(labels) if hasattr(
                 raw, "prepare_decoder_input_ids_from_labels") else _shift_right(labels, raw.config)
             return self.net(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits, False
-        return self.net(**inputs, use_cache=False).logits, True
+        # Prompt tuning puts its virtual tokens in front of the outputs: keep the real tokens' positions.
+        return self.net(**inputs, use_cache=False).logits[:, -batch["labels"].shape[1]:], True
 
     def _hidden_and_head(self, batch: dict):
         """(final hidden states, lm_head) where the chunked loss applies (decoder-only, plain head), else None."""
@@ -376,8 +382,9 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
 
     # ---- optimization, callbacks, checkpoints --------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        return common.adamw_with_schedule(self.trainer, self._raw().named_parameters(), self.optimizer_spec,
-                                          part_of=part_lookup(vlm_parts(self._raw())), part_names=PARTS_DOC)
+        return common.adamw_with_schedule(self.trainer, optimizer_parameters(self.net), self.optimizer_spec,
+                                          part_of=part_lookup(vlm_parts(self._raw())), part_names=PARTS_DOC,
+                                          lr_scale=lora_plus_scale(self.adapter_spec))
 
     # ---- export --------------------------------------------------------------------------------------
     def export(self, out_dir: str) -> Path:
@@ -385,6 +392,11 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         projector), and writes `save_pretrained` output with the processor: loadable by plain
         transformers (`AutoModelForImageTextToText`, `AutoProcessor`)."""
         out = Path(out_dir)
+        if not self.adapter_spec.mergeable:  # prefix/prompt tuning: the peft adapter and a loading note
+            trained_base = any(p.requires_grad for p in self._raw().parameters())  # e.g. the projector
+            return export_unmerged(self.net, out, self.adapter_spec.method, self.model_spec.name, "vision_language",
+                                   self.processor, "AutoModelForImageTextToText", "AutoProcessor",
+                                   (lambda d: save_pretrained_safetensors(self._raw(), d)) if trained_base else None)
         merged = merged_copy(self.net, self.model_spec.quantization != "none",
                              lambda: self._adapt(load_vlm(self.model_spec, quantize=False))[0])
         if hasattr(merged.config, "use_cache"):
