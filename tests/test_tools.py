@@ -50,3 +50,19 @@ def test_efficientnet_lite_weights_convert_to_timm(tmp_path):
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and model.num_classes == 4
     # real ImageNet weights, not a fresh init: BatchNorm statistics were learned
     assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+def test_bench_rl_quick_runs_both_sides_alike(tmp_path):
+    pytest.importorskip("trl", reason="the GRPO benchmark compares against TRL (a dev dependency)")
+    before = torch.get_num_threads()
+    try:
+        results = _load("bench_rl").main(["--quick", "--out", str(tmp_path / "rl.json")])
+    finally:
+        torch.set_num_threads(before)
+    mm, trl = results["mmtune"], results["trl"]
+    assert mm["lora_init"] == pytest.approx(trl["lora_init"], rel=1e-9)  # the same starting adapters
+    assert mm["threads"] == trl["threads"] == 1
+    for side in (mm, trl):
+        assert side["tokens_per_s"] > 0 and side["generated"] > 0 and len(side["train_rewards"]) == 3
+        assert 0.0 <= side["held_out_reward"] <= 1.0
+    assert (tmp_path / "rl.json").is_file()
