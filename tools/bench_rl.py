@@ -10,6 +10,8 @@ Reported per side:
   trains on; padding left out) / wall time of the training loop; generated tokens/s alone beside it;
 - the mean training reward of the last 5 steps, and the reward of greedy answers to 16 held-out
   prompts after training, computed for both sides by the same code.
+Over several `--seeds`, tokens/s is the median (one run on a busy machine can be several times slower)
+and rewards the mean.
 
 The toy task: prompts "Say a word: <w>", reward = share of the letter `a` in the completion (dense, so a
 tiny model learns it in a few dozen steps).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 import warnings
@@ -73,7 +76,7 @@ def tiny_model(root: Path, hidden: int) -> Path:
 
 
 def lora_fingerprint(model) -> float:
-    return float(sum(p.double().abs().sum() * (i + 1) for i, (n, p) in
+    return float(sum(p.detach().double().abs().sum() * (i + 1) for i, (n, p) in
                      enumerate(sorted(model.named_parameters())) if "lora_" in n))
 
 
@@ -252,12 +255,15 @@ def main(argv=None) -> dict:
                   f"{r['generated_per_s']:12.0f} {r['reward_first5']:15.3f} {r['reward_last5']:7.3f} "
                   f"{r['held_out_reward']:9.3f}  same initial LoRA weights: {'yes' if runs[-1]['same_lora_init'] else 'NO'}",
                   flush=True)
-    summary = {name: {key: sum(run[name][key] for run in runs) / len(runs)
-                      for key in ("tokens_per_s", "generated_per_s", "reward_first5", "reward_last5", "held_out_reward")}
+    # Throughput: the median over seeds (a shared machine gives the odd run a several-fold slowdown);
+    # rewards: the mean.
+    summary = {name: {**{key: statistics.median(run[name][key] for run in runs) for key in ("tokens_per_s", "generated_per_s")},
+                      **{key: statistics.fmean(run[name][key] for run in runs)
+                         for key in ("reward_first5", "reward_last5", "held_out_reward")}}
                for name in ("mmtune", "trl")}
     mm, trl = summary["mmtune"], summary["trl"]
     print(f"\n{args.steps} steps, {args.prompts} prompts x {args.group} completions, up to {args.max_new_tokens} new "
-          f"tokens, {args.threads} thread(s), means over seeds {args.seeds}:")
+          f"tokens, {args.threads} thread(s), over seeds {args.seeds} (tokens/s: median, rewards: mean):")
     for name, r in summary.items():
         print(f"{name:7} tokens/s {r['tokens_per_s']:8.0f}  generated/s {r['generated_per_s']:7.0f}  reward first 5 steps "
               f"{r['reward_first5']:.3f} -> last 5 {r['reward_last5']:.3f}  held-out greedy {r['held_out_reward']:.3f}")

@@ -26,7 +26,8 @@ from mmtune.tasks.sft import CausalLMTask, GenerationSpec
 
 @dataclass
 class GRPOSpec:
-    """Sampling and the objective (names and defaults follow TRL's `GRPOConfig` where they exist).
+    """Sampling and the objective (names follow TRL's `GRPOConfig`; `beta` defaults to DeepSeekMath's 0.04,
+    TRL's to 0).
 
     Args:
         num_generations: completions sampled per prompt (the group, G); at least 2.
