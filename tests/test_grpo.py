@@ -1,6 +1,7 @@
-"""GRPO on tiny models: the group advantages and clipped loss equal a hand computation, the built-in and
-user rewards, the reference at step 0, and a toy task with a verifiable reward whose mean reward rises
-within a few dozen steps; kill-and-resume reaches the uninterrupted run (tests/test_resume.py's check)."""
+"""GRPO on tiny models: the group advantages and clipped loss equal a hand computation (and the loss TRL's
+code computes), the built-in and user rewards, the reference at step 0, and a toy task with a verifiable
+reward whose mean reward rises within a few dozen steps; kill-and-resume reaches the uninterrupted run
+(tests/test_resume.py's check)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,52 @@ def test_clipped_loss_and_k3_kl_match_a_hand_computation(loss_type):
     scale = {"grpo": 1 / 3 / 2, "bnpo": 1 / 5, "dapo": 1 / 5, "dr_grpo": 1 / 8}[loss_type]
     assert logps.grad[0, 0].item() == pytest.approx(beta * (1 - math.exp(d)) * scale, rel=1e-5)
     assert logps.grad[1, 2].item() == 0  # masked
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_clipped_loss_equals_trls_on_the_same_batch(loss_type):
+    """TRL's own `GRPOTrainer._compute_loss` on the batch above: a stand-in object gives it the token
+    log-probabilities (instead of a model forward) and one process's plumbing; the loss, KL and clip
+    share come from TRL's code."""
+    pytest.importorskip("trl", reason="TRL is a dev dependency")
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    logps = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -1.5, -9.0]])
+    old = torch.tensor([[-1.5, -0.5, -1.0], [-0.2, -1.0, -1.0]])
+    ref = torch.tensor([[-1.2, -0.7, -2.0], [-0.4, -1.5, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([1.0, -2.0])
+
+    class OneProcess:
+        num_processes, sync_gradients = 1, True
+
+        def gather(self, x):
+            return x
+
+        gather_for_metrics = gather
+
+        def reduce(self, x, reduction="sum"):
+            return x
+
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=0.1, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.2,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=False),
+        current_gradient_accumulation_steps=1, max_completion_length=4, _entropy_bonus_enabled=False,
+        accelerator=OneProcess(), _metrics={"eval": defaultdict(list), "train": defaultdict(list)})
+    inputs = {"prompt_ids": torch.zeros(2, 1, dtype=torch.long), "prompt_mask": torch.ones(2, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(2, 3, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+              "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+    trl_loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    ours = grpo_loss(logps, old, mask.float(), adv, ref, 0.1, 0.2, None, loss_type, max_completion_length=4)
+    assert ours["loss"].item() == pytest.approx(trl_loss.item(), rel=1e-6)
+    assert ours["kl"].item() == pytest.approx(trainer._metrics["eval"]["kl"][0], rel=1e-6)
+    assert ours["clip_ratio"].item() == pytest.approx(trainer._metrics["eval"]["clip_ratio/region_mean"][0], rel=1e-6)
 
 
 def test_completion_mask_ends_at_the_first_stop_token():

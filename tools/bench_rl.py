@@ -75,6 +75,22 @@ def tiny_model(root: Path, hidden: int) -> Path:
     return out
 
 
+def plain_copy(gguf: str, root: Path) -> Path:
+    """A GGUF model dequantized once into a `save_pretrained` folder, so both sides load the same float
+    weights (transformers marks a GGUF-loaded model as quantized, which its Trainer refuses to train)."""
+    from mmtune.models.hf import load_causal_lm, load_tokenizer
+    from mmtune.specs import ModelSpec
+
+    spec = ModelSpec(name=gguf)
+    model = load_causal_lm(spec)
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    out = root / "from_gguf"
+    model.save_pretrained(out)
+    load_tokenizer(spec).save_pretrained(out)
+    return out
+
+
 def lora_fingerprint(model) -> float:
     return float(sum(p.detach().double().abs().sum() * (i + 1) for i, (n, p) in
                      enumerate(sorted(model.named_parameters())) if "lora_" in n))
@@ -151,13 +167,11 @@ def run_trl(model_dir: str, train_prompts: list[str], held_out: list[str], args)
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from mmtune.models.hf import load_causal_lm, load_tokenizer
+    from mmtune.models.hf import load_tokenizer
     from mmtune.specs import ModelSpec
 
-    spec = ModelSpec(name=model_dir)
-    tokenizer = load_tokenizer(spec)  # the same template as mmtune uses
-    model = load_causal_lm(spec) if model_dir.endswith(".gguf") else AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(ModelSpec(name=model_dir))  # the same template as mmtune uses
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(args.seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     init = lora_fingerprint(model)
@@ -206,6 +220,7 @@ def one_seed(model_dir: str, root: Path, args) -> dict:
     held_out = prompts(16, 1000)
     torch.set_num_threads(args.threads)
     results = {"mmtune": run_mmtune(model_dir, train, held_out, args)}
+    print(f"mmtune, seed {args.seed}: {results['mmtune']['tokens_per_s']:.0f} tokens/s", flush=True)
     torch.set_num_threads(args.threads)
     results["trl"] = run_trl(model_dir, train_prompts, held_out, args)
     for r in results.values():
@@ -242,6 +257,8 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))  # `bench_rl:a_share` for mmtune's reward spec
     root = Path(tempfile.mkdtemp())
     model_dir = args.model or str(tiny_model(root, args.hidden))
+    if model_dir.lower().endswith(".gguf"):
+        model_dir = str(plain_copy(model_dir, root))
     runs = []
     header = (f"{'seed':>4} {'side':7} {'threads':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'generated/s':>12} "
               f"{'reward first 5':>15} {'last 5':>7} {'held-out':>9}")
