@@ -124,7 +124,7 @@ def run_mmtune(model_dir: str, train: Path, held_out: list[str], args) -> dict:
                     grpo=GRPOSpec(num_generations=args.group, max_new_tokens=args.max_new_tokens, beta=args.beta,
                                   loss_type="dapo", max_grad_norm=1.0),
                     rewards=[RewardSpec(function="bench_rl:a_share", name="a_share")])
-    torch.manual_seed(args.seed)
+    L.seed_everything(args.seed, verbose=False)  # mmtune seeds each step's sampling from this (as `seed_everything: N` in a config)
     task.configure_model()
     init = lora_fingerprint(task.net)
     seen = {"tokens": 0, "generated": 0, "rewards": [], "threads": None}
