@@ -201,7 +201,7 @@ def _task(model_dir, adapter="lora", lr=0.02, **grpo) -> GRPOTask:
 def test_the_reference_equals_the_policy_at_the_start(tmp_path, qwen2, adapter):
     task = _task(qwen2, adapter, beta=0.1)
     dm = PromptData(path=str(write_jsonl(tmp_path / "p.jsonl", prompt_rows(4, 0))), split=(1, 0, 0), batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(task, datamodule=dm)  # builds and connects; one step
     assert (task._ref is None) == (adapter == "lora")  # LoRA: the base with adapters off, no second copy
@@ -254,6 +254,7 @@ def test_several_iterations_per_generation_step_the_optimizer_each_time(tmp_path
             clipped.append(float(trainer.callback_metrics["train/clip_ratio"]))
 
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, callbacks=[Record()],
+                        default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(task, datamodule=dm)
     assert trainer.global_step == 2 * 2 * 3  # 2 batches an epoch, 3 optimizer steps each

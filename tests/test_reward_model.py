@@ -46,7 +46,7 @@ def test_reward_model_ranks_held_out_pairs_above_chance(tmp_path, llama):
                            OptimizerSpec(lr=5e-3, warmup=0, weight_decay=0.0),
                            MonitorSpec(early_stopping=False, save_best=False, save_last=False))
     dm = PreferenceData(path=str(train), val_path=str(val), max_length=64, batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     before = trainer.validate(task, datamodule=dm, verbose=False)[0]
     trainer.fit(task, datamodule=dm)
@@ -98,7 +98,7 @@ def test_reward_model_cli_export_and_use_as_a_grpo_reward(tmp_path, llama):
                     grpo=GRPOSpec(num_generations=4, max_new_tokens=4),
                     rewards=[RewardSpec(model=str(out), weight=1.0),
                              RewardSpec(function="length_penalty", weight=0.1, kwargs={"target": 2})])
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(task, datamodule=PromptData(path=str(prompt_file), split=(1, 0, 0), batch_size=2))
     assert {"train/reward/reward_model", "train/reward/length_penalty"} <= set(trainer.callback_metrics)
