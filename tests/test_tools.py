@@ -83,3 +83,18 @@ def test_preference_benchmark_quick_run(capsys):
         for side in ("mmtune", "trl"):
             assert sides[side]["steps_per_s"] > 0 and math.isfinite(sides[side]["last_loss"]), (loss, side)
     assert "steps/s" in capsys.readouterr().out
+
+def test_bench_rl_quick_runs_both_sides_alike(tmp_path):
+    pytest.importorskip("trl", reason="the GRPO benchmark compares against TRL (a dev dependency)")
+    before = torch.get_num_threads()
+    try:
+        results = _load("bench_rl").main(["--quick", "--out", str(tmp_path / "rl.json")])
+    finally:
+        torch.set_num_threads(before)
+    mm, trl = results["mmtune"], results["trl"]
+    assert mm["lora_init"] == pytest.approx(trl["lora_init"], rel=1e-9)  # the same starting adapters
+    assert mm["threads"] == trl["threads"] == 1
+    for side in (mm, trl):
+        assert side["tokens_per_s"] > 0 and side["generated"] > 0 and len(side["train_rewards"]) == 3
+        assert 0.0 <= side["held_out_reward"] <= 1.0
+    assert (tmp_path / "rl.json").is_file()

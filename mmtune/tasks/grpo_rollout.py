@@ -1,0 +1,138 @@
+"""Sampling a group of completions per prompt for GRPO, and the token log-probabilities of them.
+
+Generation runs the policy in eval mode (no dropout; gradient checkpointing only acts in training
+mode) with the KV cache, under `torch.no_grad`; the randomness comes from the global generator,
+which `mmtune.callbacks.StepSeed` reseeds before every training step, so a resumed run samples what
+the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from mmtune.errors import ConfigError
+from mmtune.losses.grpo import token_logps
+
+
+@dataclass
+class Rollout:
+    """A generation batch: prompts repeated G times, their completions, rewards and advantages.
+
+    Attributes:
+        input_ids, attention_mask: `[N, P + L]` prompt (left-padded) then completion (0 after the stop).
+        prompt_len: P.
+        completion_mask: `[N, L]` float, 1 up to and including the stop token.
+        texts: decoded completions.
+        rewards: `[N]` weighted sum; `scores`: each reward function's `[N]` scores.
+        advantages: `[N]`.
+        old_logps: `[N, L]` of the generating policy (only with `num_iterations > 1`).
+        ref_logps: `[N, L]` of the reference (only with `beta > 0`).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    completion_mask: torch.Tensor
+    texts: list[str]
+    truncated: torch.Tensor
+    rewards: torch.Tensor = None
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    advantages: torch.Tensor = None
+    old_logps: Optional[torch.Tensor] = None
+    ref_logps: Optional[torch.Tensor] = None
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    def rows(self, index: slice) -> dict[str, torch.Tensor]:
+        """The tensors of some rows, for a micro-batch."""
+        out = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+               "completion_mask": self.completion_mask[index], "advantages": self.advantages[index]}
+        for name in ("old_logps", "ref_logps"):
+            value = getattr(self, name)
+            out[name] = value[index] if value is not None else None
+        return out
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask `[N, L]`: 1 up to and including the first stop token, truncated `[N]`: no stop token)."""
+    is_stop = torch.isin(completion_ids, torch.tensor(list(stop_ids), device=completion_ids.device))
+    has_stop = is_stop.any(dim=1)
+    length = completion_ids.shape[1]
+    first = torch.where(has_stop, is_stop.int().argmax(dim=1), torch.full_like(has_stop, length, dtype=torch.long))
+    positions = torch.arange(length, device=completion_ids.device).expand_as(completion_ids)
+    return (positions <= first.unsqueeze(1)).float(), ~has_stop
+
+
+@torch.no_grad()
+def sample_group(net: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+                 max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, do_sample: bool = True) -> torch.Tensor:
+    """`[prompts * group_size, P + L]` ids: each prompt repeated `group_size` times and continued by
+    `generate` (sampling, eval mode, KV cache)."""
+    ids = prompt_ids.repeat_interleave(group_size, dim=0)
+    mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {"do_sample": False}
+    was_training = net.training
+    net.eval()
+    try:
+        return net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                            eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True, **sampling)
+    finally:
+        net.train(was_training)
+
+
+def completion_logps(net: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """`[N, L]` log-probabilities of the completion tokens. Positions count attended tokens only, as
+    in generation with left padding; only the logits that predict completion tokens are computed."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    keep = input_ids.shape[1] - prompt_len + 1
+    logits = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                 logits_to_keep=keep).logits[:, :-1]
+    return token_logps(logits, input_ids[:, prompt_len:], temperature)
+
+
+def check_backend(backend: str) -> None:
+    """`vllm` needs vLLM installed and a CUDA GPU; the error says which is missing."""
+    if backend == "generate":
+        return
+    if backend != "vllm":
+        raise ConfigError(f"grpo.backend must be 'generate' or 'vllm', got {backend!r}")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("grpo.backend: vllm needs the vllm package (pip install vllm); use backend: generate")
+    if not torch.cuda.is_available():
+        raise ConfigError("grpo.backend: vllm needs a CUDA GPU; use backend: generate on this machine")
+
+
+class VLLMSampler:
+    """Samples with a colocated vLLM engine, the policy's current weights loaded before each generation
+    (merged adapters). Only built where vLLM and a GPU are present; not exercised by the CPU test suite.
+
+    Args:
+        model_path: the base model folder (vLLM reads its config and tokenizer).
+        gpu_memory_utilization: the share of GPU memory vLLM may take.
+    """
+
+    def __init__(self, model_path: str, gpu_memory_utilization: float = 0.3) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        items = list(named_tensors.items())
+        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(items)
+
+    def sample(self, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
+               top_p: float, top_k: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=group_size, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k if top_k > 0 else -1)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        return [list(c.token_ids) for out in outputs for c in out.outputs]
