@@ -172,3 +172,75 @@ def test_int8_without_calibration_images_is_refused(tmp_path, tiny_models, color
                 "--data", tiny / "manifest.csv")
     assert "at least 8 are needed" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_executorch_export_runs_in_its_runtime_and_predicts(trained_cnn, wide_colors, checkpoint_predictions, tmp_path):
+    out = tmp_path / "pte"
+    run_cli("export", "--ckpt_path", trained_cnn, "--out", out, "--format", "executorch")
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["verification"]["max_abs_diff"] < 1e-3 and report["verification"]["label_agreement"] == 1.0
+    run_cli("predict", "--model", out / "model.pte", "--data", wide_colors.parent, "--out", tmp_path / "p.csv")
+    from_pte = {r["path"]: r["prediction"] for r in _read_csv(tmp_path / "p.csv")}
+    assert from_pte == {r["path"]: r["prediction"] for r in checkpoint_predictions}
+
+
+@pytest.mark.slow
+def test_executorch_int8_keeps_most_labels(trained_cnn, tmp_path):
+    out = tmp_path / "pte8"
+    run_cli("export", "--ckpt_path", trained_cnn, "--out", out, "--format", "executorch", "--quantize", "int8",
+            "--min_agreement", 0.5)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["verification"]["label_agreement"] >= 0.75
+    assert report["file_bytes"]["int8_bytes"] < report["file_bytes"]["fp32_bytes"]
+
+
+def test_vit_onnx_export_agrees(tmp_path, tiny_models, color_set):
+    cfg = write_config(tmp_path / "vit.yaml", tiny_models["vit"], color_set,
+                       model_args={"adapter": {"method": "lora", "r": 4}, "monitor": {"early_stopping": False}},
+                       trainer={"max_epochs": 1})
+    run_cli("fit", "--config", cfg, "--runs_dir", tmp_path / "runs")
+    ckpt = only_version(tmp_path / "runs", "vit") / "checkpoints" / "last.ckpt"
+    run_cli("export", "--ckpt_path", ckpt, "--out", tmp_path / "vit_onnx", "--format", "onnx")
+    check = json.loads((tmp_path / "vit_onnx" / "export_report.json").read_text())["verification"]
+    assert check["split"] == "val" and check["max_abs_diff"] < 1e-3 and check["label_agreement"] == 1.0
+
+
+def test_a_family_that_cannot_go_to_the_format_names_those_it_can(tmp_path, capsys):
+    ckpt = tmp_path / "align.ckpt"
+    torch.save({"mmtune_task": "image_text_alignment", "state_dict": {}, "hyper_parameters": {}}, ckpt)
+    with pytest.raises(SystemExit):
+        run_cli("export", "--ckpt_path", ckpt, "--out", tmp_path / "x", "--format", "executorch")
+    err = capsys.readouterr().err
+    assert "image_text_alignment model cannot be exported to executorch; it can go to: safetensors" in err
+
+
+def test_an_unsupported_operator_names_the_module_holding_it(tmp_path):
+    from torch import nn
+
+    from mmtune.errors import ExportError
+    from mmtune.export.onnx_format import export_onnx
+
+    @torch.library.custom_op("mmtune_test::wobble", mutates_args=())
+    def wobble(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @wobble.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class Wobbly(nn.Module):
+        def forward(self, x):
+            return wobble(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.odd, self.head = nn.Conv2d(3, 4, 3), Wobbly(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.odd(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(ExportError) as info:
+        export_onnx(Net().eval(), torch.randn(2, 3, 8, 8), tmp_path / "odd.onnx")
+    message = str(info.value)
+    assert "mmtune_test.wobble" in message and "operator in module odd (Wobbly)" in message

@@ -30,7 +30,10 @@ def example_batch(input_size: list[int], batch: int = 2) -> torch.Tensor:
 def refused_operator_error(fmt: str, module: nn.Module, example: tuple, err: Exception) -> ExportError:
     """An ExportError with the exporter's own message and the module(s) whose graph holds the operator
     it names (found in torch.export's graph: every node keeps the module stack it came from)."""
-    message = " ".join(str(err).split())[:800]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # the ONNX exporter colours its report
+    if "Exception summary" in text:  # the ONNX exporter's report: its summary is the message
+        text = text.split("Exception summary", 1)[1].lstrip(" #\n")
+    message = " ".join(text.split())[:600]
     holder = _module_of_operator(module, example, str(err))
     where = f" (operator in module {holder})" if holder else ""
     return ExportError(f"cannot export to {fmt}: {message}{where}")

@@ -65,10 +65,13 @@ def run_export(ckpt_path: str, out: Path, opts: ExportOptions) -> dict:
 
     _check_options(opts)
     quantize = opts.quantize if opts.quantize not in (None, "none") else None
-    source = load_source(ckpt_path, opts.trust_remote_code, opts.data, opts.image_size)
-    allowed = formats_of(source.kind)
+    from mmtune.tasks.common import read_checkpoint
+
+    kind = str(read_checkpoint(ckpt_path).get("mmtune_task"))  # checked before the model is built
+    allowed = formats_of(kind)
     if opts.format not in allowed:
-        raise ExportError(f"a {source.kind} model cannot be exported to {opts.format}; it can go to: {', '.join(allowed)}")
+        raise ExportError(f"a {kind} model cannot be exported to {opts.format}; it can go to: {', '.join(allowed)}")
+    source = load_source(ckpt_path, opts.trust_remote_code, opts.data, opts.image_size)
     task = source.task
     prep = _preprocessing(source)
     report: dict = {"checkpoint": str(ckpt_path), "task": source.kind, "format": opts.format, "quantize": quantize,

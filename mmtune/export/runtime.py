@@ -45,8 +45,10 @@ class ExportedModel:
             except Exception as err:  # noqa: BLE001
                 raise ExportError(f"the ExecuTorch runtime cannot load {self.path}: {err}") from None
             meta = self._method.metadata
-            dims = tuple(meta.input_tensor_meta(0).sizes())[1:] if meta.num_inputs() else ()
-            self.input_size = tuple(int(d) for d in dims) if dims else None
+            sizes = tuple(meta.input_tensor_meta(0).sizes()) if meta.num_inputs() else ()
+            # a dynamic batch is planned up to the bound torch.export settled on (the first size here)
+            self._max_batch = int(sizes[0]) if sizes else 1
+            self.input_size = tuple(int(d) for d in sizes[1:]) if sizes else None
         else:
             raise ExportError(f"{self.path}: not an exported model (expected one of {', '.join(SUFFIXES)})")
 
@@ -56,4 +58,6 @@ class ExportedModel:
             return self._session.run(None, {self._input: pixels})[0]
         import torch
 
-        return self._method.execute((torch.from_numpy(pixels),))[0].numpy()
+        step = max(1, self._max_batch)
+        return np.concatenate([self._method.execute((torch.from_numpy(pixels[i:i + step]),))[0].numpy()
+                               for i in range(0, len(pixels), step)])
