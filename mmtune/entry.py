@@ -24,7 +24,7 @@ VERBS = {
     "test": "Score a checkpoint on the test split: metrics with bootstrap intervals, subgroups, report.html.",
     "predict": "Write predictions for a folder, manifest or data file (predictions.csv).",
     "evaluate": "Score the tuned model and a baseline (base, a checkpoint, an export) on the same test set.",
-    "export": "Merge adapters and write the model's native format (safetensors) with a model card.",
+    "export": "Write a deployable model: native safetensors, ONNX or ExecuTorch (optionally int8), verified.",
     "report": "Write report.html, the run report, from a run directory's files.",
     "data align": "Join image files and texts by key, check and split them (the image-text pair aligner).",
 }
@@ -56,29 +56,71 @@ def _data_overview() -> str:
 
 
 def export(argv: list[str]) -> None:
-    """`mmtune export`: merged weights in the model family's native format, plus a model card."""
+    """`mmtune export`: the model in its native format (safetensors, default), ONNX or ExecuTorch, optionally
+    int8, with the preprocessing sidecar and a verification report (see `mmtune.export`)."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="mmtune export", description=VERBS["export"])
     parser.add_argument("--ckpt_path", type=str, required=True, help="An mmtune checkpoint (.ckpt)")
     parser.add_argument("--out", type=str, required=True, help="Output directory")
+    parser.add_argument("--format", type=str, default="safetensors",
+                        help="safetensors (the family's native layout), onnx or executorch (.pte, XNNPACK)")
+    parser.add_argument("--quantize", type=Optional[str], default=None,
+                        help="int8: static QDQ (onnx) or PT2E/XNNPACK (executorch), calibrated on validation images")
+    parser.add_argument("--data", type=Optional[str], default=None,
+                        help="Folder or manifest to verify and calibrate on (default: the run's data, from config.yaml)")
+    parser.add_argument("--image_size", type=Optional[int], default=None,
+                        help="The size the model was trained at, when the run's config.yaml is not beside the checkpoint")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="Largest allowed logit difference of a float export from the trained model")
+    parser.add_argument("--min_agreement", type=float, default=0.9,
+                        help="Smallest allowed share of validation labels an int8 export keeps")
     parser.add_argument("--trust_remote_code", type=bool, default=False,
                         help="Allow a checkpoint whose model sets trust_remote_code: true (runs code from the model "
                              "folder or hub; only for checkpoints and models you trust)")
     args = parse_or_explain(parser, argv)
-    from mmtune.evaluation.model_card import write_model_card
-    from mmtune.tasks.common import load_task
+    from mmtune.export.pipeline import ExportOptions, run_export
 
-    from mmtune.files import atomic_folder
+    opts = ExportOptions(format=args.format, quantize=args.quantize, data=args.data, image_size=args.image_size,
+                         tolerance=args.tolerance, min_agreement=args.min_agreement,
+                         trust_remote_code=args.trust_remote_code)
+    out = Path(args.out)
+    report = run_export(args.ckpt_path, out, opts)
+    check = report.get("verification")
+    detail = (f"; verified on {check['images']} images: max |diff| {check['max_abs_diff']:.3g}, labels agree "
+              f"{check['label_agreement']:.1%}") if check else ""
+    print(f"[mmtune] exported {args.ckpt_path} -> {out} ({args.format}{' int8' if report.get('quantize') else ''}{detail})")
 
-    task = load_task(args.ckpt_path, trust_remote_code=args.trust_remote_code)
-    ckpt, out = Path(args.ckpt_path), Path(args.out)
-    # Written into a temporary folder beside --out and renamed when complete: a kill or a full disk
-    # mid-export leaves no half export, and a previous export at --out stays whole until then.
-    with atomic_folder(out) as staging:
-        task.export(str(staging))
-        write_model_card(staging, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None, out.name)
-    print(f"[mmtune] exported {args.ckpt_path} -> {out} (model card: {out / 'README.md'})")
+
+EXPORTED_SUFFIXES = (".onnx", ".pte")
+
+
+def exported_model_of(argv: list[str]) -> Optional[str]:
+    """The `--model` value of a predict command line when it names an exported file (.onnx/.pte)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--model" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--model=") else None)
+        if value and value.lower().endswith(EXPORTED_SUFFIXES):
+            return value
+    return None
+
+
+def predict_exported(argv: list[str]) -> None:
+    """`mmtune predict --model exported/model.onnx --data DIR_OR_MANIFEST`: runs an exported file."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="mmtune predict --model FILE", description="Predictions from an exported model "
+                            "(.onnx, .pte) preprocessed from its preprocessing.json; same CSV as predict")
+    parser.add_argument("--model", type=str, required=True, help="An exported .onnx or .pte file")
+    parser.add_argument("--data", type=str, required=True, help="An image folder or a CSV/JSONL manifest")
+    parser.add_argument("--out", type=Optional[str], default=None, help="CSV to write (default: beside the model)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--image_size", type=Optional[int], default=None,
+                        help="Preprocess at this size instead of the sidecar's (must match the file)")
+    args = parse_or_explain(parser, argv)
+    from mmtune.export.predict import predict_exported as run
+
+    run(args.model, args.data, args.out, args.batch_size, args.image_size)
 
 
 def report(argv: list[str]) -> None:
@@ -131,6 +173,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             from mmtune import __version__
 
             print(f"mmtune {__version__}")
+            return
+        if argv[0] == "predict" and exported_model_of(argv[1:]):
+            quiet_terminal()
+            predict_exported(argv[1:])
             return
         if argv[0] in PLAIN_VERBS:
             quiet_terminal()

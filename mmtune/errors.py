@@ -23,3 +23,8 @@ class ModelError(MMTuneError):
 
 class TrainingError(MMTuneError):
     """A fit that cannot go on: a non-finite loss or gradient (the message names the step and the samples)."""
+
+
+class ExportError(MMTuneError):
+    """An export that cannot be made or does not hold: a format the model cannot go to, an operator the
+    exporter refuses, a missing calibration set, or an exported file that disagrees with the trained model."""

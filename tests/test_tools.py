@@ -98,3 +98,21 @@ def test_bench_rl_quick_runs_both_sides_alike(tmp_path):
         assert side["tokens_per_s"] > 0 and side["generated"] > 0 and len(side["train_rewards"]) == 3
         assert 0.0 <= side["held_out_reward"] <= 1.0
     assert (tmp_path / "rl.json").is_file()
+
+@pytest.mark.slow
+def test_bench_export_quick_times_every_runtime(tmp_path):
+    """The export benchmark's smoke run: every runtime timed on the same images, accuracy and file sizes beside."""
+    out = tmp_path / "bench.json"
+    assert _load("bench_export").main(["--quick", "--json", str(out), "--threads", "1"]) == 0
+    import json
+
+    results = json.loads(out.read_text())
+    assert set(results["models"]) == {"test_efficientnet", "test_vit"}
+    for model in results["models"].values():
+        rows = model["runtimes"]
+        assert set(rows) == {"torch eager", "ONNX fp32", "ONNX int8", "ExecuTorch fp32"}
+        for row in rows.values():
+            assert row["b1_images_per_s"] > 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+            assert 0.0 <= row["accuracy"] <= 1.0
+        assert rows["ONNX fp32"]["accuracy"] == rows["torch eager"]["accuracy"]  # the same function, exported
+        assert rows["ONNX int8"]["file_mb"] < rows["ONNX fp32"]["file_mb"]
