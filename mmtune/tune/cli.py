@@ -154,7 +154,7 @@ def main(argv: list[str]) -> None:
 
     from mmtune.tune import results
     from mmtune.tune.runner import Sweep, run_workers
-    from mmtune.tune.storage import open_storage, storage_url
+    from mmtune.tune.storage import open_storage, shown_url, storage_url
     from mmtune.tune.study import open_study
 
     if args.storage is None:
@@ -163,6 +163,9 @@ def main(argv: list[str]) -> None:
     storage = open_storage(url, heartbeat_s=spec.heartbeat_s, max_retries=spec.max_retries)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(spec, name, storage, direction)
+    if spec.enqueue and not study.get_trials(deepcopy=False):  # only when the study is new (not on a rerun)
+        for values in spec.enqueue:
+            study.enqueue_trial(values, skip_if_exists=True)
     best_run_name = f"{name}_best"
 
     def after_trial(sweep: Sweep) -> None:
@@ -174,7 +177,7 @@ def main(argv: list[str]) -> None:
                   overrides=passthrough, metric=metric, base_values=base_values, gpus=gpus,
                   deadline=time.time() + spec.timeout if spec.timeout else None, on_trial_end=after_trial)
     print(f"[mmtune] sweep {name!r}: {spec.n_trials} trials, {direction} {metric}, sampler {spec.sampler}, "
-          f"pruner {spec.pruner['type']}, {spec.workers} worker(s), storage {_shown(url)}", flush=True)
+          f"pruner {spec.pruner['type']}, {spec.workers} worker(s), storage {shown_url(url)}", flush=True)
     try:
         run_workers(sweep)
     finally:
@@ -182,9 +185,3 @@ def main(argv: list[str]) -> None:
     skipped = results.write_plots(study, sweep_dir)
     print(results.summary(study, metric, sweep_dir, skipped), flush=True)
 
-
-def _shown(url: str) -> str:
-    """A storage URL without its password."""
-    import re
-
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

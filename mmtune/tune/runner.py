@@ -157,10 +157,12 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, slot: int) -> None:
     result.unlink(missing_ok=True)
     trial.set_user_attr("run_dir", str(root))
     trial.set_user_attr("host", os.uname().nodename)
+    trial.set_user_attr("sweep_pid", os.getpid())
     started = time.time()
     with open(root / "output.log", "w") as log:
         proc = subprocess.Popen(trial_command(sweep, trial.number, params), stdout=log, stderr=subprocess.STDOUT,
                                 env=_child_env(sweep, trial, slot, result), stdin=subprocess.DEVNULL)
+        trial.set_user_attr("pid", proc.pid)
         while True:
             try:
                 rc = proc.wait(timeout=sweep.spec.heartbeat_s)

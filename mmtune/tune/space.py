@@ -83,6 +83,7 @@ class SearchSpec:
     keep_checkpoints: int = 1
     heartbeat_s: float = 30.0
     max_retries: int = 1
+    enqueue: list = dataclasses.field(default_factory=list)  # first trials' values, e.g. the config's own
     source: str = "search"
 
     def suggest(self, trial, base: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +206,14 @@ def check_settings(spec: SearchSpec) -> None:
             if key == param.key or (key in searched and searched.index(key) > searched.index(param.key)):
                 raise ConfigError(f"{where}: params.{param.key}: `when` names {key!r}, which must be searched "
                                   "before it (listed above it) or fixed in the config")
+    if not isinstance(spec.enqueue, list) or not all(isinstance(e, dict) for e in spec.enqueue):
+        raise ConfigError(f"{where}: enqueue must be a list of {{key: value}} mappings of searched keys")
+    for values in spec.enqueue:
+        for key in values:
+            if key not in searched:
+                near = difflib.get_close_matches(key, searched, n=1)
+                raise ConfigError(f"{where}: enqueue names {key!r}, which is not searched"
+                                  + (f"; did you mean {near[0]!r}?" if near else ""))
     if spec.sampler == "grid":
         if any(p.when for p in spec.params):
             raise ConfigError(f"{where}: the grid sampler cannot search conditional keys (`when`); use tpe or random")

@@ -16,6 +16,7 @@ written by hand).
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from pathlib import Path
@@ -65,8 +66,13 @@ def open_storage(url: str, heartbeat_s: Optional[float] = None, max_retries: int
         raise
     except Exception as err:  # noqa: BLE001 - a driver's error, a refused connection, a bad URL
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"--storage {url}: cannot be reached or opened ({type(err).__name__}: {text[:300]}); "
+        raise ConfigError(f"--storage {shown_url(url)}: cannot be reached or opened ({type(err).__name__}: {text[:300]}); "
                           "nothing was written") from None
+
+
+def shown_url(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def record_heartbeat(study: optuna.Study, trial_id: int) -> None:
