@@ -78,7 +78,7 @@ class TrialReporter(Callback):
             if math.isfinite(value):
                 trial = self._open_trial()
                 trial.report(value, len(self.values))
-                prune = trial.should_prune()
+                prune = bool(trial.should_prune())
             self._write(pruned=prune)
         if trainer.world_size > 1:
             prune = trainer.strategy.broadcast(prune)
