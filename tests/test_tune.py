@@ -100,6 +100,37 @@ def test_unreachable_storage_is_a_clear_error_and_writes_nothing(tmp_path, tiny_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_search_section_inside_the_config_is_read_and_left_out_of_the_trials(tmp_path, tiny_models, color_set, capsys):
+    base = _base(tmp_path, tiny_models, color_set)
+    config = yaml.safe_load(base.read_text())
+    config["search"] = {"params": {"model.init_args.adapter.rank": {"type": "int", "low": 2, "high": 8}}}
+    both = tmp_path / "with_search.yaml"
+    both.write_text(yaml.safe_dump(config))
+    # the config without its search section parses (else "does not parse"); the typo'd key is named
+    err = _tune_error(capsys, "--config", both, "--search", both, "--runs_dir", tmp_path / "runs")
+    assert "'model.init_args.adapter.rank' is not a key" in err and "model.init_args.adapter.r" in err
+
+
+def test_grid_and_setting_checks():
+    from mmtune.errors import ConfigError
+    from mmtune.tune.space import cli_value, parse_search
+
+    lr = {LR: {"type": "float", "low": 1e-4, "high": 1e-2}}
+    with pytest.raises(ConfigError, match="the grid sampler needs `step`"):
+        parse_search({"sampler": "grid", "params": lr}, "s.yaml")
+    grid = parse_search({"sampler": "grid", "params": {"a.b": {"type": "int", "low": 2, "high": 8, "step": 3}}}, "s.yaml")
+    assert grid.params[0].grid_values() == [2, 5, 8]
+    with pytest.raises(ConfigError, match="cannot search conditional keys"):
+        parse_search({"sampler": "grid", "params": {"a.m": ["x", "y"], "a.r": {"choices": [1, 2], "when": {"a.m": "x"}}}},
+                     "s.yaml")
+    with pytest.raises(ConfigError, match="unknown search setting 'n_trial'; did you mean 'n_trials'"):
+        parse_search({"n_trial": 3, "params": lr}, "s.yaml")
+    with pytest.raises(ConfigError, match="enqueue names 'model.init_args.optimizer.lrr'"):
+        parse_search({"enqueue": [{LR + "r": 0.1}], "params": lr}, "s.yaml")
+    for value in (1e-05, 0.003, 3, True, "lora"):  # an override reads back as the same value
+        assert yaml.safe_load(cli_value(value)) == value
+
+
 def test_configured_search_spaces_fit_their_configs():
     """Every file in configs/search/ parses, and its keys are keys of the configs it feeds."""
     from mmtune.tune.cli import objective_of, resolve_config
