@@ -183,6 +183,8 @@ def test_sweep_from_a_bad_default_finds_a_better_lr_and_best_yaml_reproduces_it(
     assert float(board[0]["value"]) == pytest.approx(found.value) and float(board[0][LR]) == found.params[LR]
     for name in ("history.png", "importances.png", "parallel_coordinates.png"):
         assert (sweep / name).stat().st_size > 5000, name
+    page = (sweep / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Leaderboard" in page
     # each trial is an ordinary run; checkpoints stay for the best trial only (keep_checkpoints: 1)
     for trial in trials:
         run = sweep / f"trial_{trial.number}" / "version_0"
@@ -260,7 +262,7 @@ def test_kill_9_of_the_sweep_and_the_same_command_again_finish_the_study(tmp_pat
     first.wait()
     killed = _study(runs, "k").get_trials()
     assert [t.state.name for t in killed] == ["RUNNING"]
-    assert _gone(killed[0].user_attrs["pid"], within=15), "the trial of a killed sweep must end too"
+    assert _gone(killed[0].user_attrs["pid"], within=30), "the trial of a killed sweep must end too"
 
     run_cli("tune", *args)
     trials = _study(runs, "k").get_trials()

@@ -183,5 +183,12 @@ def main(argv: list[str]) -> None:
     finally:
         after_trial(sweep)
     skipped = results.write_plots(study, sweep_dir)
+    from mmtune.tune.report import write_sweep_report
+
+    try:
+        report = write_sweep_report(study, metric, sweep_dir)
+        print(f"[mmtune] sweep report: {report}", flush=True)
+    except Exception as err:  # noqa: BLE001 - the leaderboard and best.yaml are written; a page is not worth failing
+        print(f"[mmtune] the sweep report was not written ({type(err).__name__}: {err})", flush=True)
     print(results.summary(study, metric, sweep_dir, skipped), flush=True)
 

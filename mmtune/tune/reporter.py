@@ -88,9 +88,9 @@ class TrialReporter(Callback):
 
 def _exit_with_parent(parent_pid: int) -> None:
     """Ends the trial when the sweep process is gone (`kill -9` of the sweep): an orphaned trial would
-    go on using the machine and writing into a run the study has already given up on. (Linux's
-    PR_SET_PDEATHSIG would need `preexec_fn`, which is unsafe with the sweep's worker threads.) Ranks
-    other than the first are ended by Lightning when the first one dies."""
+    go on using the machine and writing into a run the study has already given up on. On Linux the
+    launcher (`mmtune.tune.runner.LAUNCHER`) already has the kernel kill it; this covers other systems.
+    Ranks other than the first are ended by Lightning when the first one dies."""
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(3)

@@ -36,6 +36,15 @@ from mmtune.tune.reporter import CALLBACK_PATH, TRIAL_ENV
 from mmtune.tune.space import SearchSpec, cli_value
 from mmtune.tune.storage import fail_stale_trials, record_heartbeat
 
+# Starts a trial: on Linux the trial process asks to be killed when the sweep process dies
+# (PR_SET_PDEATHSIG, kept across exec), then becomes `python -m mmtune fit ...`. Done in the child rather
+# than with Popen's preexec_fn, which is unsafe while the sweep's worker threads run. Elsewhere the
+# reporter's watchdog thread ends an orphaned trial once its fit starts.
+LAUNCHER = ("import ctypes, json, os, signal, sys\n"
+            "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+            "except (OSError, AttributeError):\n    pass\n"
+            f"if os.getppid() != json.loads(os.environ['{TRIAL_ENV}'])['parent_pid']:\n    sys.exit(3)\n"
+            "os.execv(sys.argv[1], sys.argv[1:])\n")
 ERROR_ATTR = "error"  # set on trials that failed on their own (not those of a killed sweep)
 # Variables a trial must not inherit: it is a new run, not a rank of the sweep's process.
 CHILD_ENV_DROP = ("MMTUNE_RUN_DIR", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -160,8 +169,9 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, slot: int) -> None:
     trial.set_user_attr("sweep_pid", os.getpid())
     started = time.time()
     with open(root / "output.log", "w") as log:
-        proc = subprocess.Popen(trial_command(sweep, trial.number, params), stdout=log, stderr=subprocess.STDOUT,
-                                env=_child_env(sweep, trial, slot, result), stdin=subprocess.DEVNULL)
+        command = [sys.executable, "-c", LAUNCHER, *trial_command(sweep, trial.number, params)]
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=_child_env(sweep, trial, slot, result))
         trial.set_user_attr("pid", proc.pid)
         while True:
             try:
