@@ -7,6 +7,7 @@ A search file (or a `search:` section of the config) reads:
     sampler: tpe                # tpe | random | grid | cmaes
     pruner: median              # none | median | hyperband | asha (or a dict with the pruner's arguments)
     n_trials: 20
+    enqueue: [{model.init_args.optimizer.lr: 0.001}]   # values of the first trials (e.g. the config's own)
     params:
       model.init_args.optimizer.lr: {type: float, low: 1.0e-5, high: 1.0e-2, log: true}
       model.init_args.adapter.method: {type: categorical, choices: [none, lora]}
