@@ -26,6 +26,7 @@ VERBS = {
     "evaluate": "Score the tuned model and a baseline (base, a checkpoint, an export) on the same test set.",
     "export": "Write a deployable model: native safetensors, ONNX or ExecuTorch (optionally int8), verified.",
     "report": "Write report.html, the run report, from a run directory's files.",
+    "tune": "Search hyperparameters with Optuna: each trial a fit run, pruning, resumable, many workers.",
     "data align": "Join image files and texts by key, check and split them (the image-text pair aligner).",
 }
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict", "evaluate")
@@ -45,6 +46,7 @@ def overview() -> str:
               "  mmtune fit      --config configs/classification/vit_lora.yaml",
               "  mmtune test     --config configs/classification/vit_lora.yaml --ckpt_path best",
               "  mmtune evaluate --config configs/classification/vit_lora.yaml --ckpt_path best --baseline base",
+              "  mmtune tune     --search configs/search/vit_lora_lr.yaml --n_trials 20",
               "  mmtune report   runs/vit_lora/version_0"]
     return "\n".join(lines)
 
@@ -153,7 +155,19 @@ def data(argv: list[str]) -> None:
     run(argv[1:])
 
 
-PLAIN_VERBS: dict[str, Callable[[list[str]], None]] = {"export": export, "report": report, "data": data}
+def tune(argv: list[str]) -> None:
+    """`mmtune tune`: a hyperparameter sweep (Optuna, imported only here)."""
+    try:
+        from mmtune.tune.cli import main as tune_main
+    except ImportError as err:
+        if "optuna" not in str(err):
+            raise
+        raise ConfigError("mmtune tune needs Optuna: pip install 'mmtune[tune]'") from None
+    tune_main(argv)
+
+
+PLAIN_VERBS: dict[str, Callable[[list[str]], None]] = {"export": export, "report": report, "data": data,
+                                                       "tune": tune}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
