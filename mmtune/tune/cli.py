@@ -23,8 +23,16 @@ from mmtune.errors import ConfigError
 DESCRIPTION = "Search hyperparameters with Optuna: each trial is a `mmtune fit` run (pruning, resumable studies, workers)."
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before a mistake; mmtune says the mistake in one line (`mmtune tune --help`
+    for the usage), like every other verb."""
+
+    def error(self, message: str):
+        raise ConfigError(f"mmtune tune: {message} (mmtune tune --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmtune tune", description=DESCRIPTION, epilog=(
+    p = _OneLineParser(prog="mmtune tune", description=DESCRIPTION, epilog=(
         "Other arguments (e.g. --trainer.max_epochs 3) go to every trial. Several machines share one study "
         "when each runs the same command with the same --storage (a database URL or journal:PATH on a shared disk)."))
     p.add_argument("--config", action="append", default=[], help="Base config(s) of every trial (default: the search file's `config`)")
