@@ -28,7 +28,7 @@ class _OneLineParser(argparse.ArgumentParser):
     for the usage), like every other verb."""
 
     def error(self, message: str):
-        raise ConfigError(f"mmtune tune: {message} (mmtune tune --help)")
+        raise ConfigError(f"{message} (mmtune tune --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
