@@ -23,6 +23,7 @@ VERBS = {
     "evaluate": "Score the tuned model and a baseline (base, a checkpoint, an export) on the same test set.",
     "export": "Merge adapters and write the model's native format (safetensors) with a model card.",
     "report": "Write report.html, the run report, from a run directory's files.",
+    "federated": "Federated fine-tuning on Flower: sites train on their own data, only adapters travel.",
     "data align": "Join image files and texts by key, check and split them (the image-text pair aligner).",
 }
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict", "evaluate")
@@ -106,7 +107,15 @@ def data(argv: list[str]) -> None:
     run(argv[1:])
 
 
-PLAIN_VERBS: dict[str, Callable[[list[str]], None]] = {"export": export, "report": report, "data": data}
+def federated(argv: list[str]) -> None:
+    """`mmtune federated`: Flower federation (simulated on one machine with --simulate N)."""
+    from mmtune.federated.cli import main as federated_main
+
+    federated_main(argv)
+
+
+PLAIN_VERBS: dict[str, Callable[[list[str]], None]] = {"export": export, "report": report, "data": data,
+                                                       "federated": federated}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
