@@ -24,6 +24,7 @@ VERBS = {
     "export": "Merge adapters and write the model's native format (safetensors) with a model card.",
     "report": "Write report.html, the run report, from a run directory's files.",
     "federated": "Federated fine-tuning on Flower: sites train on their own data, only adapters travel.",
+    "continual": "Continual fine-tuning: stage after stage with replay and LwF; forgetting measured.",
     "data align": "Join image files and texts by key, check and split them (the image-text pair aligner).",
 }
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict", "evaluate")
@@ -114,8 +115,15 @@ def federated(argv: list[str]) -> None:
     federated_main(argv)
 
 
+def continual(argv: list[str]) -> None:
+    """`mmtune continual`: stages trained one after another, forgetting measured after each."""
+    from mmtune.continual.cli import main as continual_main
+
+    continual_main(argv)
+
+
 PLAIN_VERBS: dict[str, Callable[[list[str]], None]] = {"export": export, "report": report, "data": data,
-                                                       "federated": federated}
+                                                       "federated": federated, "continual": continual}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

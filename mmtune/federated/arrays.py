@@ -3,14 +3,16 @@ on what comes back."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 
 from mmtune.adapters import trainable_state_dict
 from mmtune.errors import ModelError
+
+if TYPE_CHECKING:  # flwr is imported where records are made, so sites and continual runs need no flwr
+    from flwr.app import ArrayRecord
 
 
 def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -22,11 +24,13 @@ def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+def to_record(tensors: dict[str, torch.Tensor]) -> "ArrayRecord":
+    from flwr.app import ArrayRecord
+
     return ArrayRecord({k: v for k, v in tensors.items()})
 
 
-def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+def from_record(record: "ArrayRecord") -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,15 @@ def build_task_and_data(config: dict, data_overrides: Optional[dict] = None) -> 
         init = cfg["data"].setdefault("init_args", {})
         init.update(data_overrides)
     cfg["trainer"] = {"logger": False, "enable_checkpointing": False, "accelerator": "cpu"}
+    argv, sys.argv = sys.argv, sys.argv[:1]  # a Flower app process's own arguments are not the task's
     try:
         cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                            seed_everything_default=42, auto_configure_optimizers=False, run=False, args=cfg,
                            save_config_callback=None)
     except SystemExit as err:  # jsonargparse printed what is wrong with the config
         raise ConfigError(f"the task config does not parse (see the message above; exit {err.code})") from None
+    finally:
+        sys.argv = argv
     return cli.model, cli.datamodule
 
 
@@ -142,13 +146,14 @@ class Site:
         return L.Trainer(**kwargs)
 
     def fit_round(self, tensors: dict[str, torch.Tensor], local_epochs: int, local_steps: int = 0,
-                  proximal_mu: float = 0.0) -> RoundResult:
+                  proximal_mu: float = 0.0, extra_callbacks: Optional[list[Callback]] = None) -> RoundResult:
         """Trains from the global tensors for `local_epochs` (or `local_steps`) and returns the new
         trainable tensors, the number of training samples and the fit's last logged metrics."""
         start = time.perf_counter()
         callbacks: list[Callback] = [LoadGlobalTensors(tensors, f"site {self.name}")]
         if proximal_mu > 0:
             callbacks.append(ProximalGradient(proximal_mu, tensors))
+        callbacks += list(extra_callbacks or [])
         limits = {"max_steps": local_steps, "max_epochs": None} if local_steps > 0 else {"max_epochs": local_epochs}
         trainer = self._trainer(callbacks, **limits)
         trainer.fit(self.task, datamodule=self.data)
