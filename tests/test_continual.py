@@ -86,3 +86,22 @@ def test_replay_forgets_less_in_a_two_stage_class_incremental_run(tmp_path, tiny
     assert results["replay"]["stages"][1]["classes"] == ["green", "red", "blue", "yellow"]
     assert results["replay"]["stages"][1]["replayed"] > 0 and results["none"]["stages"][1]["replayed"] == 0
     assert results["replay"]["average_forgetting"] < results["none"]["average_forgetting"], results
+
+
+def test_lwf_adds_the_gradient_of_the_distillation_term():
+    from mmtune.continual.run import LwFDistillation
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    pixels = torch.randn(5, 4)
+    lwf = LwFDistillation(teacher, old_classes=2, weight=0.5, temperature=2.0)
+    lwf.on_train_batch_start(None, student, {"pixels": pixels}, 0)
+    lwf.on_before_optimizer_step(None, student, None)
+    by_hand = torch.nn.Linear(4, 3)
+    by_hand.load_state_dict(student.state_dict())
+    t = teacher(pixels)[:, :2].detach()
+    loss = torch.nn.functional.kl_div(torch.log_softmax(by_hand(pixels)[:, :2] / 2, -1), torch.softmax(t / 2, -1),
+                                      reduction="batchmean") * 0.5 * 4
+    loss.backward()
+    torch.testing.assert_close(student.weight.grad, by_hand.weight.grad)
+    assert student.weight.grad[2].abs().sum() == 0  # new classes are not distilled

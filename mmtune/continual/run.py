@@ -69,7 +69,8 @@ class LwFDistillation(Callback):
         loss = F.kl_div(F.log_softmax(student / self.t, -1), F.softmax(target.to(student) / self.t, -1),
                         reduction="batchmean") * self.weight * self.t ** 2
         loss.backward()
-        pl_module.log("train/lwf", loss.detach(), batch_size=len(student))
+        if trainer is not None:
+            pl_module.log("train/lwf", loss.detach(), batch_size=len(student))
 
 
 def _stage_config(config: dict, path: Path, classes: list[str], epochs: int) -> dict:
