@@ -32,9 +32,6 @@ def read_configs(task_yaml: str, continual_yaml: Optional[str]):
 def main(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
-    from mmtune.continual.run import run_continual
-    from mmtune.federated.cli import new_run_dir
-
     parser = ArgumentParser(prog="mmtune continual", description="Continual fine-tuning: stages one after another, "
                             "with replay, class-incremental heads and LwF; forgetting measured after every stage.")
     parser.add_argument("--config", type=str, required=True, help="The task YAML (as for mmtune fit)")
@@ -42,6 +39,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs_dir", type=str, default="runs")
     parser.add_argument("--run_name", type=Optional[str], default=None)
     args = parser.parse_args(argv)
+    from mmtune.continual.run import run_continual
+    from mmtune.federated.cli import new_run_dir
+
     config, spec = read_configs(args.config, args.continual)
     run_dir = new_run_dir(args.runs_dir, args.run_name or f"{Path(args.config).stem}_continual")
     run_dir.mkdir(parents=True)
