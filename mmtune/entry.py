@@ -27,6 +27,8 @@ VERBS = {
     "export": "Write a deployable model: native safetensors, ONNX or ExecuTorch (optionally int8), verified.",
     "report": "Write report.html, the run report, from a run directory's files.",
     "tune": "Search hyperparameters with Optuna: each trial a fit run, pruning, resumable, many workers.",
+    "federated": "Federated fine-tuning on Flower: sites train on their own data, only adapters travel.",
+    "continual": "Continual fine-tuning: stage after stage with replay and LwF; forgetting measured.",
     "data align": "Join image files and texts by key, check and split them (the image-text pair aligner).",
 }
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict", "evaluate")
@@ -166,8 +168,22 @@ def tune(argv: list[str]) -> None:
     tune_main(argv)
 
 
+def federated(argv: list[str]) -> None:
+    """`mmtune federated`: Flower federation (simulated on one machine with --simulate N)."""
+    from mmtune.federated.cli import main as federated_main
+
+    federated_main(argv)
+
+
+def continual(argv: list[str]) -> None:
+    """`mmtune continual`: stages trained one after another, forgetting measured after each."""
+    from mmtune.continual.cli import main as continual_main
+
+    continual_main(argv)
+
+
 PLAIN_VERBS: dict[str, Callable[[list[str]], None]] = {"export": export, "report": report, "data": data,
-                                                       "tune": tune}
+                                                       "tune": tune, "federated": federated, "continual": continual}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -31,7 +31,8 @@ def test_public_names_still_import_from_the_package():
     assert "lightning" in loaded  # the task really came in, on first use
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["data", "--help"], ["report", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["data", "--help"], ["report", "--help"], ["export", "--help"],
+                                  ["federated", "--help"], ["continual", "--help"]])
 def test_light_help_answers_without_torch(argv):
     code = (f"import contextlib, io\nfrom mmtune.entry import main\nbuf = io.StringIO()\n"
             f"with contextlib.redirect_stdout(buf):\n"

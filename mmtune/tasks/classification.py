@@ -130,7 +130,9 @@ class ImageClassificationTask(common.RunHooks, L.LightningModule):
             if not dm.classes:
                 raise DataError("the data module found no classes; fit on labeled data first")
             self.hparams.classes = list(dm.classes)
-        elif stage == "fit" and dm.classes and list(dm.classes) != list(self.hparams.classes):
+        elif stage == "fit" and dm.classes and not set(dm.classes) <= set(self.hparams.classes):
+            # A training set may lack some of the listed classes (a federated site, a continual stage
+            # with replay): the head keeps the listed order; only a class outside the list is an error.
             raise DataError(f"model.classes {self.hparams.classes} differ from the training data's classes {dm.classes}")
         if self.hparams.multi_label is None:
             self.hparams.multi_label = bool(dm.multi_label)
