@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,6 +18,7 @@ from mmtune.data.readers import ManifestColumns, read_image_labels
 from mmtune.data.samplers import EpochSampler, ResumableLoader, seed_everything_from
 from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
+from mmtune.data.stratify import missing_from_splits
 from mmtune.data.transforms import AugmentSpec, build_transform
 from mmtune.errors import DataError
 from mmtune.files import write_text_atomic
@@ -74,6 +76,8 @@ class ImageClassificationData(L.LightningDataModule):
         test_path: a separate test source (otherwise split from `path`).
         predict_path: images to predict (folder or manifest; labels not needed).
         split: train/val/test shares for rows without a split; deterministic given `seed`.
+        stratify: split each class in those shares (multi-label: iterative stratification), keeping
+            groups whole when `group_column` is set; False draws rows (or groups) regardless of label.
         seed: split and shuffle seed.
         group_column: manifest column whose groups (patient, study, lot) never cross splits.
         path_column: manifest column with the image path.
@@ -100,6 +104,7 @@ class ImageClassificationData(L.LightningDataModule):
         test_path: Optional[str] = None,
         predict_path: Optional[str] = None,
         split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        stratify: bool = True,
         seed: int = 42,
         group_column: Optional[str] = None,
         path_column: str = "path",
@@ -120,6 +125,8 @@ class ImageClassificationData(L.LightningDataModule):
         super().__init__()
         self.path, self.val_path, self.test_path, self.predict_path = path, val_path, test_path, predict_path
         self.split_ratios = tuple(split)
+        self.stratify = stratify
+        self.split_warnings: list[str] = []
         self.seed = seed
         self.columns = ManifestColumns(path_column, label_column, split_column, group_column)
         self.label_separator = label_separator
@@ -170,7 +177,10 @@ class ImageClassificationData(L.LightningDataModule):
         stats = {"splits": {name: {"samples": len(rows)} for name, rows in self.splits.items()},
                  "class_counts": {name: dict(sorted(Counter(c for s in rows for c in s.labels).items()))
                                   for name, rows in self.splits.items() if name != "predict"},
-                 "skipped": len(self.skipped)}
+                 "skipped": len(self.skipped),
+                 "split": {"shares": list(self.split_ratios), "stratified": self.stratify,
+                           "grouped_by": self.columns.group, "seed": self.seed},
+                 "warnings": self.split_warnings}
         write_text_atomic(Path(log_dir) / "data_stats.json", json.dumps(stats, indent=2))
 
     def _read_labeled(self) -> None:
@@ -186,7 +196,8 @@ class ImageClassificationData(L.LightningDataModule):
         if not with_split:
             ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
             groups = [s.group for s in samples] if self.columns.group else None
-            for s, name in zip(samples, assign_splits(len(samples), ratios, self.seed, groups)):
+            labels = [s.labels for s in samples] if self.stratify else None
+            for s, name in zip(samples, assign_splits(len(samples), ratios, self.seed, groups, labels)):
                 s.split = name
         for name, rows in extra.items():
             samples = [s for s in samples if s.split != name]
@@ -205,6 +216,21 @@ class ImageClassificationData(L.LightningDataModule):
         self.classes = sorted({c for s in train for c in s.labels})
         if not self.multi_label and len(self.classes) < 2:
             raise DataError(f"the train split has {len(self.classes)} class(es) {self.classes}; classification needs at least 2")
+        self._announce_splits()
+
+    def _announce_splits(self) -> None:
+        """Prints each split's size and class counts, and warns of a class missing from a split that
+        has rows (an empty split is refused when a loader asks for it)."""
+        shares = {name: float(bool(rows)) for name, rows in self.splits.items()}
+        self.split_warnings = missing_from_splits({n: [s.labels for s in rows] for n, rows in self.splits.items()},
+                                                  sorted({c for rows in self.splits.values() for s in rows for c in s.labels}),
+                                                  shares)
+        for line in self.split_warnings:
+            rank_zero_warn(f"[mmtune] {line}")
+        for name, rows in self.splits.items():
+            counts = Counter(c for s in rows for c in s.labels)
+            shown = ", ".join(f"{c} {n}" for c, n in sorted(counts.items())[:20]) + (" …" if len(counts) > 20 else "")
+            rank_zero_info(f"[mmtune] {name}: {len(rows)} images ({shown})")
 
     def _checked(self, samples: list[ImageLabel]) -> list[ImageLabel]:
         if not self.verify_images:
@@ -263,7 +289,7 @@ class ImageClassificationData(L.LightningDataModule):
         dataset = self._dataset("train", train=True)
         weights = self._sample_weights(dataset.samples) if self.sampler == "balanced" else None
         sampler = EpochSampler.for_this_process(len(dataset), self.seed, weights)
-        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=sampler.drop_ragged_end(self.batch_size))
+        return self._loader(dataset, self.batch_size, sampler=sampler.no_single_item_batch(self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.eval_batch_size)
