@@ -21,7 +21,7 @@ from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_ALIASES, split_name
 from mmtune.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".dcm"}
 
 
 @dataclass
