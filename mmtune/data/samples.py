@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-@dataclass
+@dataclass(slots=True)  # no per-instance __dict__: a million samples are ~100 MB smaller
 class ImageLabel:
     """One image with zero or more labels.
 
