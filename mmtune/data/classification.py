@@ -21,7 +21,7 @@ from mmtune.data.samplers import EpochSampler, ResumableLoader, seed_everything_
 from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
 from mmtune.data.stratify import missing_from_splits
-from mmtune.data.transforms import AugmentSpec, build_transform
+from mmtune.data.transforms import AugmentSpec, build_transform, decode_side
 from mmtune.errors import DataError
 from mmtune.files import write_text_atomic
 
@@ -32,7 +32,7 @@ class ImageClassificationDataset(Dataset):
     `sample_id` (the row's origin, collated to a list per batch) names the samples of a batch in errors."""
 
     def __init__(self, samples: list[ImageLabel], transform, classes: Optional[list[str]], multi_label: bool,
-                 channels: int, high_bit: HighBitPolicy, seed: int = 0) -> None:
+                 channels: int, high_bit: HighBitPolicy, seed: int = 0, decode_side: Optional[int] = None) -> None:
         self.samples = samples
         self.transform = transform
         self.index = {c: i for i, c in enumerate(classes)} if classes is not None else None
@@ -40,6 +40,7 @@ class ImageClassificationDataset(Dataset):
         self.channels = channels
         self.high_bit = high_bit
         self.seed = seed
+        self.decode_side = decode_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -51,7 +52,7 @@ class ImageClassificationDataset(Dataset):
         else:
             i = key
         sample = self.samples[i]
-        item = {"pixels": self.transform(load_sample_image(sample, self.channels, self.high_bit)), "index": i,
+        item = {"pixels": self.transform(load_sample_image(sample, self.channels, self.high_bit, self.decode_side)), "index": i,
                 "sample_id": sample.origin or sample.path}
         if self.index is not None:
             if self.multi_label:
@@ -312,7 +313,8 @@ class ImageClassificationData(L.LightningDataModule):
         transform = build_transform(self.data_config, train, self.augment, self.image_size)
         labeled = split != "predict" or all(s.labels for s in samples)
         return ImageClassificationDataset(samples, transform, self.classes if labeled else None, self.multi_label,
-                                          self.data_config["input_size"][0], self.high_bit, self.seed)
+                                          self.data_config["input_size"][0], self.high_bit, self.seed,
+                                          decode_side(self.data_config, train, self.augment, self.image_size))
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
         loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch

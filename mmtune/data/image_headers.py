@@ -138,8 +138,10 @@ def find_bad_headers(paths: Iterable[str], cache: HeaderCache, full: Callable[[s
             keys[i] = -1
     known = cache.known(keys)
     todo = [i for i in np.flatnonzero(~known & (keys != -1)).tolist()]
+    found: list[Optional[str]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        found = list(pool.map(lambda i: check_header(unique[i], full), todo, chunksize=256))
+        for start in range(0, len(todo), 4096):  # a slice at a time: one future per file, not a million at once
+            found += pool.map(lambda i: check_header(unique[i], full), todo[start:start + 4096])
     verdicts = {int(keys[i]): reason for i, reason in zip(todo, found)}
     for i in np.flatnonzero(known).tolist():
         reason = cache.bad.get(int(keys[i]))

@@ -4,7 +4,7 @@ the 8-bit L or RGB image the model's transforms expect, and unreadable files are
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -54,9 +54,14 @@ def to_model_mode(img: Image.Image, channels: int = 3, high_bit: HighBitPolicy =
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max") -> Image.Image:
+def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max",
+               at_least: Optional[int] = None) -> Image.Image:
     """Opens `path` as an 8-bit image with `channels` (1: L, 3: RGB) channels; a `.dcm` path is read
     as DICOM (its first frame).
+
+    `at_least`: the smallest side the transforms need (`decode_side`). A JPEG much larger than that is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL's `draft`), still at least that size: a 1024 px
+    X-ray trained at 224 px decodes several times faster, with no detail the resize would have kept.
 
     Raises:
         DataError: the file is missing, not an image, or truncated.
@@ -68,6 +73,8 @@ def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max"
     try:
         with Image.open(path) as img:
             _check_pixel_count(img, path)
+            if at_least and img.format == "JPEG" and min(img.size) >= 2 * at_least:
+                img.draft(None, (at_least, at_least))
             img.load()
             return to_model_mode(img, channels, high_bit)
     except FileNotFoundError:
@@ -78,10 +85,11 @@ def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max"
         raise DataError(f"cannot read image {path}: {err}") from None
 
 
-def load_sample_image(sample, channels: int = 3, high_bit: HighBitPolicy = "min_max") -> Image.Image:
+def load_sample_image(sample, channels: int = 3, high_bit: HighBitPolicy = "min_max",
+                      at_least: Optional[int] = None) -> Image.Image:
     """The image of an `ImageLabel`: its file, or the array row, table cell or frame it names."""
     if sample.image is None:
-        return load_image(sample.path, channels, high_bit)
+        return load_image(sample.path, channels, high_bit, at_least)
     from mmtune.data.stored import stored_image
 
     img = stored_image(sample.image)
