@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's mmtune, not an installed one
 SOURCES = 8  # distinct image files behind the hard links
 CLASSES = 4
+LINKS_PER_FILE = 8 * 5_000  # rows per set of copies of the sources (5k links a file)
 
 SETUP = r"""
 import json, os, resource, sys, time
@@ -65,9 +67,16 @@ def make_rows(root: Path, sources: list[Path], rows: int) -> Path:
     for k in range(CLASSES):
         (root / f"c{k}").mkdir(parents=True, exist_ok=True)
     lines = ["path,label"]
+    targets = sources
     for i in range(rows):
+        if i and i % LINKS_PER_FILE == 0:  # a file system allows ~65k links to one inode: fresh copies
+            targets = []
+            for src in sources:
+                copy = src.with_name(f"{src.stem}_{i}{src.suffix}")
+                shutil.copyfile(src, copy)
+                targets.append(copy)
         k = i % CLASSES
-        os.link(sources[i % len(sources)], root / f"c{k}" / f"{i}.jpg")
+        os.link(targets[i % len(targets)], root / f"c{k}" / f"{i}.jpg")
         lines.append(f"c{k}/{i}.jpg,c{k}")
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
