@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import only_version, run_cli, write_config, write_csv
 from mmtune import DataError, ImageClassificationData
@@ -161,3 +162,34 @@ def test_tar_shards_train_and_resume_mid_epoch_at_the_same_batch(tmp_path, tiny_
     resumed = loader()
     resumed.load_state_dict(state)
     assert seen + [b["index"].tolist() for b in resumed] == straight
+
+
+def test_datasets_tables_feed_the_text_pair_and_vlm_readers_too(tmp_path):
+    """Text rows from a saved folder and an Arrow file; image-text pairs and captions from Parquet
+    whose Image column holds paths."""
+    import datasets
+
+    from mmtune.data.pairs import read_pairs
+    from mmtune.data.text_reading import TextSource, read_source
+    from mmtune.data.vl_samples import VisualFields, read_visual_source
+
+    chat = datasets.Dataset.from_dict({"instruction": ["say hi", "count"], "output": ["hi", "1 2 3"]})
+    chat.save_to_disk(str(tmp_path / "chat"))
+    assert [s.messages[-1]["content"] for s in read_source(TextSource(str(tmp_path / "chat")))] == ["hi", "1 2 3"]
+    arrow = next((tmp_path / "chat").glob("*.arrow"))
+    assert len(read_source(TextSource(str(arrow)))) == 2
+
+    x, y = color_arrays(8)
+    (tmp_path / "imgs").mkdir()
+    paths = []
+    for i, a in enumerate(x):
+        Image.fromarray(a).save(tmp_path / "imgs" / f"{i}.png")
+        paths.append(f"imgs/{i}.png")  # relative to the table's folder
+    table = datasets.Dataset.from_dict({"image": paths, "text": [f"a {NAMES[l]} square" for l in y]})
+    table.to_parquet(str(tmp_path / "pairs.parquet"))
+    pairs, bad = read_pairs(str(tmp_path / "pairs.parquet"))
+    assert len(pairs) == 24 and not bad and pairs[0].path.endswith(".png") and pairs[0].text.startswith("a ")
+    seen = []
+    samples = read_visual_source(str(tmp_path / "pairs.parquet"), "auto", VisualFields(), None, "Describe.", "<image>",
+                                 lambda origin, err: seen.append(err))
+    assert not seen and len(samples) == 24

@@ -50,3 +50,13 @@ def test_efficientnet_lite_weights_convert_to_timm(tmp_path):
     assert tuple(cfg["mean"]) == (0.5, 0.5, 0.5) and model.num_classes == 4
     # real ImageNet weights, not a fresh init: BatchNorm statistics were learned
     assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+@pytest.mark.slow  # two setup subprocesses (each imports mmtune) and four loaders: ~25 s on 2 idle cores
+def test_bench_data_quick_run_measures_setup_and_both_pipelines(tmp_path):
+    results = _load("bench_data").main(["--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "out.json")])
+    (setup,) = results["setup"]
+    assert setup["rows"] == 1_000 and setup["first_s"] > 0 and setup["cached_s"] > 0 and setup["peak_mib"] >= 0
+    assert [r["workers"] for r in results["pipeline"]] == [0, 1]
+    assert all(r["mmtune_images_per_s"] > 0 and r["timm_images_per_s"] > 0 for r in results["pipeline"])
+    assert (tmp_path / "out.json").is_file()

@@ -6,7 +6,7 @@ images/s (decode + augment + collate) by number of workers, against timm's own l
 Images are hard links of a few JPEGs, so a million rows cost inodes, not disk.
 
     python tools/bench_data.py                 # 10k, 100k, 1M rows; workers 0, 1, 2
-    python tools/bench_data.py --quick         # a smoke run (2k rows, a few batches)
+    python tools/bench_data.py --quick         # a smoke run (1k rows, a few batches)
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def bench_pipeline(root: Path, manifest: Path, size: int, workers: int, batches:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2k rows, a few batches")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1k rows, a few batches")
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--size", type=int, default=128, help="training image size of the pipeline benchmark")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.workers, args.batches, args.batch_size = [2_000], [0, 1], 3, 8
+        args.rows, args.workers, args.batches, args.batch_size, args.source_size = [1_000], [0, 1], 2, 8, 256
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"setup {rows:>9,} rows: first {cold['seconds']:7.1f} s, cached {warm['seconds']:6.1f} s, "
                   f"peak +{warm['peak_kib'] / 1024:7.1f} MiB ({warm['peak_kib'] * 1024 / rows:4.0f} B/row; "
                   f"first run +{cold['peak_kib'] / 1024:.0f} MiB)", flush=True)
-        pipeline_rows = make_rows(work / "pipeline", sources, max(2_000, args.batches * args.batch_size * 2))
+        pipeline_rows = make_rows(work / "pipeline", sources, max(args.rows[0] if args.quick else 2_000,
+                                                                 args.batches * args.batch_size * 2))
         for workers in args.workers:
             r = bench_pipeline(pipeline_rows.parent, pipeline_rows, args.size, workers, args.batches, args.batch_size,
                                work / "pipeline_cache")

@@ -234,18 +234,27 @@ def read_image_labels(source: str, columns: ManifestColumns = ManifestColumns(),
 
 def read_saved_dataset(folder: Path) -> tuple[list[dict], list[str], list[Optional[str]]]:
     """Rows of a `datasets` DatasetDict (or Dataset) saved with `save_to_disk`, e.g. by `mmtune data align`,
-    with an origin (`folder[train] row 3`) and the split its part names (None for a plain Dataset)."""
-    import datasets
+    or of a Parquet/Arrow file, with an origin (`folder[train] row 3`) and the split its part names
+    (None for a single table). An `Image` cell reads as its file path."""
+    from mmtune.data.formats_tables import open_parts
 
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"{folder}: not a dataset written by save_to_disk ({err})") from None
-    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     rows, origins, splits = [], [], []
-    for name, ds in parts:
+    base = str(folder if folder.is_dir() else folder.parent)
+    for name, ds in open_parts(str(folder)).items():
         split = split_name(name, str(folder))
-        for i, row in enumerate(ds.to_list()):
+        images = [c for c, f in ds.features.items() if type(f).__name__ == "Image"]
+        for i, row in enumerate(ds.data.table.to_pylist()):  # the stored values: Image cells undecoded
+            for c in images:
+                cell = row.get(c)
+                if not isinstance(cell, dict):
+                    continue
+                path = cell.get("path")
+                if path and (os.path.isfile(path) or os.path.isfile(os.path.join(base, path)) or not cell.get("bytes")):
+                    row[c] = path
+                else:  # embedded bytes (datasets keeps only the file's name beside them)
+                    raise DataError(f"{folder} row {i}: Image column {c!r} holds image bytes, not a file this reader "
+                                    "can open; save the images as files and store their paths (image "
+                                    "classification reads the bytes)")
             rows.append(row)
             origins.append(f"{folder}[{name}] row {i}" if name else f"{folder} row {i}")
             splits.append(split)
