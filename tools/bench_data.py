@@ -138,15 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source_size", type=int, default=512, help="side of the JPEG files")
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--dir", help="work folder (default: a temporary one, removed after)")
+    parser.add_argument("--dir", help="where the temporary work folder goes (removed after)")
+    parser.add_argument("--keep", help="a work folder to keep: a second run reuses its rows and header cache")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.workers, args.batches, args.batch_size, args.source_size = [1_000], [0, 1], 2, 8, 256
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        work = Path(tmp)
-        sources = make_sources(work / "sources", args.source_size)
+        work = Path(args.keep) if args.keep else Path(tmp)
+        sources = sorted((work / "sources").glob("src?.jpg")) if (work / "sources").exists() else \
+            make_sources(work / "sources", args.source_size)
         results: dict = {"setup": [], "pipeline": [], "cpus": os.cpu_count()}
         for rows in args.rows:
             manifest = make_rows(work / f"rows{rows}", sources, rows)

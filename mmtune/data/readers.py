@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -48,14 +49,14 @@ def file_problem(path: str) -> Optional[str]:
     """Why `path` is not a readable file (None when it is): not found, a broken symlink, a symlink
     loop, a folder."""
     try:
-        os.stat(path)
+        st = os.stat(path)
     except OSError as err:
         if err.errno == errno.ELOOP:
             return "a symlink loop"
         if os.path.islink(path):
             return f"a broken symlink (to {os.readlink(path)})"
         return "not found"
-    return "a folder, not a file" if os.path.isdir(path) else None
+    return "a folder, not a file" if stat.S_ISDIR(st.st_mode) else None  # one stat a row, not two
 
 
 def _read_folder(root: Path) -> list[ImageLabel]:

@@ -39,15 +39,18 @@ def assign_splits(
     total = float(sum(ratios))
     shares = [r / total for r in ratios]
     members: dict[str, list[int]] = defaultdict(list)
-    for i in range(n):
-        key = groups[i] if groups is not None and groups[i] not in (None, "") else f"\0item{i}"
-        members[key].append(i)
     if labels is not None and n:
         from mmtune.data.stratify import stratified_splits
 
         if len(labels) != n:
             raise ValueError(f"{len(labels)} label rows for {n} items")
-        return stratified_splits(labels, shares, seed, members if groups is not None else None)
+        if groups is None:
+            return stratified_splits(labels, shares, seed)
+    for i in range(n):
+        key = groups[i] if groups is not None and groups[i] not in (None, "") else f"\0item{i}"
+        members[key].append(i)
+    if labels is not None and n:
+        return stratified_splits(labels, shares, seed, members)
     keys = sorted(members)
     random.Random(seed).shuffle(keys)
     counts = [0, 0, 0]
