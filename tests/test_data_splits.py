@@ -68,7 +68,7 @@ def test_multilabel_split_uses_iterative_stratification():
     labels = [tuple(c for c in "abcde" if rng.random() < p) for p in rng.uniform(0.1, 0.5, size=400)]
     splits = assign_splits(len(labels), SHARES, seed=0, labels=labels)
     sizes = Counter(splits)
-    assert abs(sizes["val"] - 60) <= 4 and abs(sizes["test"] - 60) <= 4  # iterstrat trades size for balance
+    assert abs(sizes["val"] - 60) <= 4 and abs(sizes["test"] - 60) <= 4  # iterative stratification trades size for balance
     for c in "abcde":
         n = sum(c in l for l in labels)
         for name, share in zip(("train", "val", "test"), SHARES):

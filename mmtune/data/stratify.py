@@ -5,10 +5,10 @@ Three cases, each the usual method for it:
   class's count in every split is within one item of its target; the leftover items of a class go to
   the splits furthest below their total size, so split sizes stay on target too;
 - several labels per item (multi-label), no groups: iterative stratification (Sechidis et al. 2011)
-  through `iterative-stratification`'s `MultilabelStratifiedShuffleSplit`, once for test, once for val;
+  into the three splits at once;
 - groups (patient, lot): whole groups, largest first, each to the split whose class counts it brings
   closest to their targets (the greedy of scikit-learn's `StratifiedGroupKFold`). It is written here
-  because `StratifiedGroupKFold` makes k equal folds, not 70/15/15 shares, and iterstrat has no groups.
+  because `StratifiedGroupKFold` makes k equal folds, not 70/15/15 shares.
 """
 
 from __future__ import annotations
@@ -50,34 +50,50 @@ def _single_label(labels: Sequence[str], shares: list[float], seed: int) -> list
 
 
 def _multi_label(labels: Sequence[Sequence[str]], shares: list[float], seed: int) -> list[int]:
-    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+    """Iterative stratification (Sechidis, Tsoumakas and Vlahavas 2011, Algorithm 1) into the three splits
+    at once: the rarest label still unplaced goes first, each of its items to the split that lacks the
+    most of that label (then the split furthest below its size, then a seeded coin).
 
+    Written here, not taken from `iterative-stratification`: that wheel installs a top-level `tests`
+    package into site-packages, which shadows the `tests` package of whoever installs it (ours too).
+    """
     classes = sorted({c for row in labels for c in row})
     index = {c: j for j, c in enumerate(classes)}
-    y = np.zeros((len(labels), len(classes) + 1), dtype=np.int8)
+    n = len(labels)
+    y = np.zeros((n, len(classes)), dtype=bool)
     for i, row in enumerate(labels):
         for c in row:
-            y[i, index[c]] = 1
-        if not row:
-            y[i, -1] = 1  # items with no positive label are a stratum of their own
-    out = np.zeros(len(labels), dtype=int)
-    rest = np.arange(len(labels))
+            y[i, index[c]] = True
+    rng = np.random.default_rng(seed)
+    r = np.asarray(shares, dtype=float)
+    size_need = r * n  # items each split still wants
+    label_need = np.outer(r, y.sum(0))  # [split, class]: positives each split still wants
+    out = np.full(n, -1)
+    open_splits = r > 0
 
-    def cut(items: np.ndarray, share: float, name: int) -> np.ndarray:
-        if share <= 0 or len(items) < 2:
-            return items
-        if share >= 1:
-            out[items] = name
-            return items[:0]
-        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=share, random_state=seed)
-        keep, taken = next(splitter.split(np.zeros((len(items), 1)), y[items]))
-        out[items[taken]] = name
-        return items[keep]
+    def place(i: int, by: np.ndarray) -> None:
+        """Item i to the open split with the largest `by`, then the largest size need, then by chance."""
+        key = np.where(open_splits, by, -np.inf)
+        best = np.flatnonzero(key == key.max())
+        if len(best) > 1:
+            sizes = size_need[best]
+            best = best[sizes == sizes.max()]
+        s = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+        out[i] = s
+        size_need[s] -= 1
+        label_need[s] -= y[i]
 
-    rest = cut(rest, shares[2], 2)
-    rest = cut(rest, shares[1] / (shares[0] + shares[1]) if shares[0] + shares[1] > 0 else 0.0, 1)
-    if shares[0] == 0 and len(rest):  # no train share: what is left goes to val
-        out[rest] = 1
+    unplaced = y.copy()
+    while unplaced.any():
+        counts = unplaced.sum(0)
+        rarest = np.flatnonzero(counts == counts[counts > 0].min())
+        label = int(rarest[rng.integers(len(rarest))])
+        items = np.flatnonzero(unplaced[:, label])
+        for i in rng.permutation(items):
+            place(int(i), label_need[:, label])
+        unplaced[items] = False
+    for i in rng.permutation(np.flatnonzero(out < 0)):  # items with no positive label: by size alone
+        place(int(i), size_need)
     return out.tolist()
 
 
