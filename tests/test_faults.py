@@ -48,12 +48,12 @@ def test_nan_loss_stops_the_fit_naming_step_and_samples_and_keeps_the_last_good_
     line = next(x for x in err.splitlines() if x.startswith("mmtune: error:"))
     (hit,) = json.loads(hits.read_text())
     assert hit["global_step"] == 6 and len(hit["sample_id"]) == 8
-    assert "non-finite loss at global step 6 (epoch 1, batch 2)" in line
+    assert "non-finite loss at global step 6 (epoch 1, batch 1)" in line
     assert ", ".join(hit["sample_id"]) in line and hit["sample_id"][0].startswith(str(color_set))
 
     run = only_version(runs, "nan")
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["global_step"] == 4  # written at the end of epoch 0, never after the broken step
+    assert last["global_step"] == 5  # written at the end of epoch 0 (5 batches: the short last one trains), never after the broken step
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     ImageClassificationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
     fit = json.loads((run / "metrics.json").read_text())["fit"]
@@ -163,7 +163,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_uninterrupted_
     run = only_version(runs, "resumable")
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 6 and saved["epoch"] == 1  # the end of the very step it was told at, mid-epoch
-    assert "[mmtune] SIGTERM: saved" in stopped.stdout and "batch 2 of 4" in stopped.stdout
+    assert "[mmtune] SIGTERM: saved" in stopped.stdout and "batch 1 of 5" in stopped.stdout
     assert json.loads((run / "metrics.json").read_text())["fit"]["interrupted"]
 
     if resume == "ckpt_path":
@@ -175,7 +175,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_uninterrupted_
     assert again.returncode == 0, again.stderr[-3000:]
     assert only_version(runs, "resumable") == run  # resumed in place
     got = json.loads((run / "metrics.json").read_text())["fit"]
-    assert got["global_step"] == expected["global_step"] == 12
+    assert got["global_step"] == expected["global_step"] == 15
     for key in ("val/loss", "val/accuracy", "train/loss"):
         assert got["metrics"][key] == pytest.approx(expected["metrics"][key], rel=1e-5, abs=1e-6), key
     weights = [torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]

@@ -256,7 +256,7 @@ def test_classification_under_two_process_ddp_resumes_mid_epoch_exactly(tmp_path
     _mmtune([*base, "--config", killing], expect=-9)
     run = only_version(runs, "resumed")
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (saved["epoch"], saved["global_step"]) == (1, 6)  # 32 training images, 4 a process: 4 steps an epoch
+    assert (saved["epoch"], saved["global_step"]) == (1, 7)  # 36 training images, 18 a process: 5 steps an epoch
     _mmtune([*base, "--config", config, "--ckpt_path", "last"], expect=0)
     assert only_version(runs, "resumed") == run
     assert_same_end(run, only_version(runs, "straight"), last_epoch=2)
@@ -284,10 +284,10 @@ def test_step_saves_skip_the_step_a_validation_follows_and_the_middle_of_accumul
                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
                         num_sanity_val_steps=0)
     trainer.fit(task, ImageClassificationData(path=str(color_set), batch_size=4, num_workers=0))
-    assert trainer.num_training_batches == 8 and trainer.global_step == 4  # 32 training images
-    # steps 1-3 at the end of their second batch (never after the first); step 4, the epoch's last, only by the
+    assert trainer.num_training_batches == 9 and trainer.global_step == 5  # 35 training images, the short batch kept
+    # steps 1-4 at the end of their second batch (never after the first); step 5, the epoch's last, only by the
     # validation after it (a step save there would make Lightning skip the validation's save of the same step)
-    assert record.saves == [(1, 1), (2, 3), (3, 5), (4, 8)]
+    assert record.saves == [(1, 1), (2, 3), (3, 5), (4, 7), (5, 9)]
 
 
 def test_save_last_every_n_steps_must_not_be_negative():

@@ -116,3 +116,12 @@ def test_bench_export_quick_times_every_runtime(tmp_path):
             assert 0.0 <= row["accuracy"] <= 1.0
         assert rows["ONNX fp32"]["accuracy"] == rows["torch eager"]["accuracy"]  # the same function, exported
         assert rows["ONNX int8"]["file_mb"] < rows["ONNX fp32"]["file_mb"]
+
+@pytest.mark.slow  # two setup subprocesses (each imports mmtune) and four loaders: ~25 s on 2 idle cores
+def test_bench_data_quick_run_measures_setup_and_both_pipelines(tmp_path):
+    results = _load("bench_data").main(["--quick", "--dir", str(tmp_path), "--json", str(tmp_path / "out.json")])
+    (setup,) = results["setup"]
+    assert setup["rows"] == 1_000 and setup["first_s"] > 0 and setup["cached_s"] > 0 and setup["peak_mib"] >= 0
+    assert [r["workers"] for r in results["pipeline"]] == [0, 1]
+    assert all(r["mmtune_images_per_s"] > 0 and r["timm_images_per_s"] > 0 for r in results["pipeline"])
+    assert (tmp_path / "out.json").is_file()

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmtune.data.bad_rows import stop_or_skip, write_skipped
-from mmtune.data.images import HighBitPolicy, find_unreadable, load_image
-from mmtune.data.readers import ManifestColumns, read_image_labels
+from mmtune.data.image_headers import HeaderCache, cache_file, find_bad_headers
+from mmtune.data.image_sources import SourceOptions, read_source
+from mmtune.data.images import HighBitPolicy, find_unreadable, find_unreadable_stored, load_image, load_sample_image
+from mmtune.data.readers import ManifestColumns
 from mmtune.data.samplers import EpochSampler, ResumableLoader, seed_everything_from
 from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_NAMES, assign_splits
-from mmtune.data.transforms import AugmentSpec, build_transform
+from mmtune.data.stratify import missing_from_splits
+from mmtune.data.transforms import AugmentSpec, build_transform, decode_side
 from mmtune.errors import DataError
 from mmtune.files import write_text_atomic
 
@@ -28,7 +32,7 @@ class ImageClassificationDataset(Dataset):
     `sample_id` (the row's origin, collated to a list per batch) names the samples of a batch in errors."""
 
     def __init__(self, samples: list[ImageLabel], transform, classes: Optional[list[str]], multi_label: bool,
-                 channels: int, high_bit: HighBitPolicy, seed: int = 0) -> None:
+                 channels: int, high_bit: HighBitPolicy, seed: int = 0, decode_side: Optional[int] = None) -> None:
         self.samples = samples
         self.transform = transform
         self.index = {c: i for i, c in enumerate(classes)} if classes is not None else None
@@ -36,6 +40,7 @@ class ImageClassificationDataset(Dataset):
         self.channels = channels
         self.high_bit = high_bit
         self.seed = seed
+        self.decode_side = decode_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -47,7 +52,7 @@ class ImageClassificationDataset(Dataset):
         else:
             i = key
         sample = self.samples[i]
-        item = {"pixels": self.transform(load_image(sample.path, self.channels, self.high_bit)), "index": i,
+        item = {"pixels": self.transform(load_sample_image(sample, self.channels, self.high_bit, self.decode_side)), "index": i,
                 "sample_id": sample.origin or sample.path}
         if self.index is not None:
             if self.multi_label:
@@ -74,6 +79,8 @@ class ImageClassificationData(L.LightningDataModule):
         test_path: a separate test source (otherwise split from `path`).
         predict_path: images to predict (folder or manifest; labels not needed).
         split: train/val/test shares for rows without a split; deterministic given `seed`.
+        stratify: split each class in those shares (multi-label: iterative stratification), keeping
+            groups whole when `group_column` is set; False draws rows (or groups) regardless of label.
         seed: split and shuffle seed.
         group_column: manifest column whose groups (patient, study, lot) never cross splits.
         path_column: manifest column with the image path.
@@ -89,7 +96,17 @@ class ImageClassificationData(L.LightningDataModule):
         sampler: `shuffle`, or `balanced` (draws classes equally often, for imbalanced data).
         bad_images: `error` stops at setup listing unreadable images; `skip` drops them and lists
             them in the run directory (`skipped_images.csv`).
-        verify_images: decode every image at setup to find unreadable ones before training.
+        verify_images: `headers` (default) checks each image's header and end (truncation) at setup, in
+            threads, caching the verdict by path, size and modification time so the next setup only
+            stats the files; `full` (or true) decodes every image; `off` (or false) checks nothing.
+        header_cache: folder of the header cache (default `$MMTUNE_CACHE` or `~/.cache/mmtune`);
+            `off` keeps none.
+        prefetch_factor: batches each loader worker decodes ahead.
+        class_names: names of integer labels (index -> name), e.g. for a MedMNIST `.npz`.
+        dicom_group: `PatientID` or `StudyInstanceUID`: the DICOM tag whose value keeps a patient's
+            (or study's) images in one split.
+        dicom_window: (center, width) for every DICOM image instead of each file's own window.
+        anonymize_ids: DICOM patient/study ids become one-way hashes and stay out of every file written.
         high_bit: how 16-bit images become 8-bit: `min_max` per image, or `full_range`.
     """
 
@@ -100,6 +117,7 @@ class ImageClassificationData(L.LightningDataModule):
         test_path: Optional[str] = None,
         predict_path: Optional[str] = None,
         split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        stratify: bool = True,
         seed: int = 42,
         group_column: Optional[str] = None,
         path_column: str = "path",
@@ -114,12 +132,20 @@ class ImageClassificationData(L.LightningDataModule):
         augment: AugmentSpec = AugmentSpec(),
         sampler: Literal["shuffle", "balanced"] = "shuffle",
         bad_images: Literal["error", "skip"] = "error",
-        verify_images: bool = True,
+        verify_images: Union[bool, Literal["headers", "full", "off"]] = "headers",
+        header_cache: Optional[str] = None,
+        prefetch_factor: int = 2,
         high_bit: HighBitPolicy = "min_max",
+        class_names: Optional[list[str]] = None,
+        dicom_group: Optional[Literal["PatientID", "StudyInstanceUID"]] = None,
+        dicom_window: Optional[tuple[float, float]] = None,
+        anonymize_ids: bool = True,
     ) -> None:
         super().__init__()
         self.path, self.val_path, self.test_path, self.predict_path = path, val_path, test_path, predict_path
         self.split_ratios = tuple(split)
+        self.stratify = stratify
+        self.split_warnings: list[str] = []
         self.seed = seed
         self.columns = ManifestColumns(path_column, label_column, split_column, group_column)
         self.label_separator = label_separator
@@ -131,7 +157,11 @@ class ImageClassificationData(L.LightningDataModule):
         self.augment = augment
         self.sampler = sampler
         self.bad_images = bad_images
-        self.verify_images = verify_images
+        self.verify_images = {True: "full", False: "off"}.get(verify_images, verify_images)
+        self.header_cache = header_cache
+        self.prefetch_factor = prefetch_factor
+        self.source_options = SourceOptions(self.columns, label_separator, class_names, dicom_group,
+                                            tuple(dicom_window) if dicom_window else None, anonymize_ids)
         self.high_bit = high_bit
 
         self.splits: dict[str, list[ImageLabel]] = {}
@@ -148,7 +178,7 @@ class ImageClassificationData(L.LightningDataModule):
         if stage == "predict" and "predict" not in self.splits:
             if not self.predict_path:
                 raise DataError("data.predict_path is not set: name the images to predict (a folder or manifest)")
-            self.splits["predict"] = self._checked(read_image_labels(self.predict_path, self.columns, self.label_separator))
+            self.splits["predict"] = self._checked(self._read(self.predict_path, labeled=False))
         write_skipped(self.trainer, [(self._skipped_paths[o], reason) for o, reason in self.skipped.items()],
                       "skipped_images.csv", "path")
 
@@ -170,23 +200,27 @@ class ImageClassificationData(L.LightningDataModule):
         stats = {"splits": {name: {"samples": len(rows)} for name, rows in self.splits.items()},
                  "class_counts": {name: dict(sorted(Counter(c for s in rows for c in s.labels).items()))
                                   for name, rows in self.splits.items() if name != "predict"},
-                 "skipped": len(self.skipped)}
+                 "skipped": len(self.skipped),
+                 "split": {"shares": list(self.split_ratios), "stratified": self.stratify,
+                           "grouped_by": self.columns.group, "seed": self.seed},
+                 "warnings": self.split_warnings}
         write_text_atomic(Path(log_dir) / "data_stats.json", json.dumps(stats, indent=2))
 
     def _read_labeled(self) -> None:
         if not self.path:
             raise DataError("data.path is not set: name an image folder or a manifest")
-        samples = read_image_labels(self.path, self.columns, self.label_separator)
+        samples = self._read(self.path)
         explicit = {"val": self.val_path, "test": self.test_path}
-        extra = {name: read_image_labels(src, self.columns, self.label_separator) for name, src in explicit.items() if src}
+        extra = {name: self._read(src) for name, src in explicit.items() if src}
         with_split = [s for s in samples if s.split]
         if with_split and len(with_split) != len(samples):
             lacking = next(s for s in samples if not s.split)
             raise DataError(f"some rows name a split and some do not (e.g. {lacking.origin}); give every row a split or none")
         if not with_split:
             ratios = [0.0 if name in extra else r for name, r in zip(SPLIT_NAMES, self.split_ratios)]
-            groups = [s.group for s in samples] if self.columns.group else None
-            for s, name in zip(samples, assign_splits(len(samples), ratios, self.seed, groups)):
+            groups = [s.group for s in samples] if self.columns.group or self.source_options.dicom_group else None
+            labels = [s.labels for s in samples] if self.stratify else None
+            for s, name in zip(samples, assign_splits(len(samples), ratios, self.seed, groups, labels)):
                 s.split = name
         for name, rows in extra.items():
             samples = [s for s in samples if s.split != name]
@@ -205,15 +239,47 @@ class ImageClassificationData(L.LightningDataModule):
         self.classes = sorted({c for s in train for c in s.labels})
         if not self.multi_label and len(self.classes) < 2:
             raise DataError(f"the train split has {len(self.classes)} class(es) {self.classes}; classification needs at least 2")
+        self._announce_splits()
 
-    def _checked(self, samples: list[ImageLabel]) -> list[ImageLabel]:
-        if not self.verify_images:
-            return samples
-        bad = find_unreadable([s.path for s in samples], workers=max(2, self.num_workers))
-        rows = {s.origin: bad[s.path] for s in samples if s.path in bad}  # per row: two rows may name one file
+    def _announce_splits(self) -> None:
+        """Prints each split's size and class counts, and warns of a class missing from a split that
+        has rows (an empty split is refused when a loader asks for it)."""
+        shares = {name: float(bool(rows)) for name, rows in self.splits.items()}
+        self.split_warnings = missing_from_splits({n: [s.labels for s in rows] for n, rows in self.splits.items()},
+                                                  sorted({c for rows in self.splits.values() for s in rows for c in s.labels}),
+                                                  shares)
+        for line in self.split_warnings:
+            rank_zero_warn(f"[mmtune] {line}")
+        for name, rows in self.splits.items():
+            counts = Counter(c for s in rows for c in s.labels)
+            shown = ", ".join(f"{c} {n}" for c, n in sorted(counts.items())[:20]) + (" …" if len(counts) > 20 else "")
+            rank_zero_info(f"[mmtune] {name}: {len(rows)} images ({shown})")
+
+    def _read(self, source: str, labeled: bool = True) -> list[ImageLabel]:
+        """The samples of any source `read_source` knows; DICOM files it cannot decode go under the
+        bad-image policy."""
+        samples, bad = read_source(source, self.source_options, labeled)
+        self._drop(bad, {origin: reason.split(": ", 1)[0] for origin, reason in bad.items()})
+        return samples
+
+    def _drop(self, rows: dict[str, str], paths: dict[str, str]) -> None:
         stop_or_skip(rows, self.bad_images, "unreadable image", "data.bad_images", "skipped_images.csv")
         self.skipped.update(rows)
-        self._skipped_paths.update({s.origin: s.path for s in samples if s.path in bad})
+        self._skipped_paths.update(paths)
+
+    def _checked(self, samples: list[ImageLabel]) -> list[ImageLabel]:
+        if self.verify_images == "off":
+            return samples
+        workers = max(2, self.num_workers)
+        files = [s.path for s in samples if s.image is None]
+        if self.verify_images == "headers":
+            cache = HeaderCache(cache_file(self.path or self.predict_path or files[0], self.header_cache))
+            bad = find_bad_headers(files, cache, load_image, workers)
+        else:
+            bad = find_unreadable(files, workers)
+            bad.update(find_unreadable_stored([s for s in samples if s.image is not None], workers))
+        rows = {s.origin: bad[s.path] for s in samples if s.path in bad}  # per row: two rows may name one file
+        self._drop(rows, {s.origin: s.path for s in samples if s.path in bad})
         return [s for s in samples if s.path not in bad]
 
     # ---- connection to the task ------------------------------------------------------------------
@@ -247,12 +313,15 @@ class ImageClassificationData(L.LightningDataModule):
         transform = build_transform(self.data_config, train, self.augment, self.image_size)
         labeled = split != "predict" or all(s.labels for s in samples)
         return ImageClassificationDataset(samples, transform, self.classes if labeled else None, self.multi_label,
-                                          self.data_config["input_size"][0], self.high_bit, self.seed)
+                                          self.data_config["input_size"][0], self.high_bit, self.seed,
+                                          decode_side(self.data_config, train, self.augment, self.image_size))
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
         loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch
+        if self.num_workers > 0:  # decode in worker processes that live across epochs, a few batches ahead
+            kwargs.update(persistent_workers=True, prefetch_factor=self.prefetch_factor)
         return loader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+                      pin_memory=torch.cuda.is_available(), **kwargs)
 
     def _sample_weights(self, samples: list[ImageLabel]) -> list[float]:
         counts = Counter(c for s in samples for c in s.labels)
@@ -263,7 +332,7 @@ class ImageClassificationData(L.LightningDataModule):
         dataset = self._dataset("train", train=True)
         weights = self._sample_weights(dataset.samples) if self.sampler == "balanced" else None
         sampler = EpochSampler.for_this_process(len(dataset), self.seed, weights)
-        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=sampler.drop_ragged_end(self.batch_size))
+        return self._loader(dataset, self.batch_size, sampler=sampler.no_single_item_batch(self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.eval_batch_size)

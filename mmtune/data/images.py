@@ -4,7 +4,7 @@ the 8-bit L or RGB image the model's transforms expect, and unreadable files are
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -42,30 +42,59 @@ def _check_pixel_count(img: Image.Image, path: str) -> None:
                         f"{limit} (Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
 
 
-def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max") -> Image.Image:
-    """Opens `path` as an 8-bit image with `channels` (1: L, 3: RGB) channels.
+def to_model_mode(img: Image.Image, channels: int = 3, high_bit: HighBitPolicy = "min_max") -> Image.Image:
+    """Any PIL mode -> the 8-bit L (`channels` 1) or RGB image the transforms expect."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _to_8bit(img, high_bit)
+    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: a transparent background is "nothing", not black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def load_image(path: str, channels: int = 3, high_bit: HighBitPolicy = "min_max",
+               at_least: Optional[int] = None) -> Image.Image:
+    """Opens `path` as an 8-bit image with `channels` (1: L, 3: RGB) channels; a `.dcm` path is read
+    as DICOM (its first frame).
+
+    `at_least`: the smallest side the transforms need (`decode_side`). A JPEG much larger than that is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL's `draft`), still at least that size: a 1024 px
+    X-ray trained at 224 px decodes several times faster, with no detail the resize would have kept.
 
     Raises:
         DataError: the file is missing, not an image, or truncated.
     """
+    if path.lower().endswith(".dcm"):
+        from mmtune.data.formats_dicom import dicom_frame
+
+        return to_model_mode(dicom_frame(path, 0, None), channels, high_bit)
     try:
         with Image.open(path) as img:
             _check_pixel_count(img, path)
+            if at_least and img.format == "JPEG" and min(img.size) >= 2 * at_least:
+                img.draft(None, (at_least, at_least))
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                img = _to_8bit(img, high_bit)
-            elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite on white: a transparent background is "nothing", not black.
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            return img.convert("L" if channels == 1 else "RGB")
+            return to_model_mode(img, channels, high_bit)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except Image.DecompressionBombError as err:  # over twice the limit, refused by PIL at open
         raise DataError(f"cannot read image {path}: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
+
+
+def load_sample_image(sample, channels: int = 3, high_bit: HighBitPolicy = "min_max",
+                      at_least: Optional[int] = None) -> Image.Image:
+    """The image of an `ImageLabel`: its file, or the array row, table cell or frame it names."""
+    if sample.image is None:
+        return load_image(sample.path, channels, high_bit, at_least)
+    from mmtune.data.stored import stored_image
+
+    img = stored_image(sample.image)
+    _check_pixel_count(img, sample.path)
+    return to_model_mode(img, channels, high_bit)
 
 
 def find_unreadable(paths: Iterable[str], workers: int = 4) -> dict[str, str]:
@@ -80,3 +109,17 @@ def find_unreadable(paths: Iterable[str], workers: int = 4) -> dict[str, str]:
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return {p: reason for p, reason in pool.map(check, list(paths)) if reason}
+
+
+def find_unreadable_stored(samples: list, workers: int = 4) -> dict[str, str]:
+    """`find_unreadable` for samples whose images live inside other files: {sample path: reason}."""
+
+    def check(sample) -> tuple[str, str | None]:
+        try:
+            load_sample_image(sample)
+            return sample.path, None
+        except DataError as err:
+            return sample.path, str(err)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return {p: reason for p, reason in pool.map(check, samples) if reason}

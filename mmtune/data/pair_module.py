@@ -98,7 +98,7 @@ class ContrastivePairData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSampler.for_this_process(len(self.splits.get("train") or []), self.seed)
-        return self._loader("train", self.batch_size, sampler=sampler, drop_last=sampler.drop_ragged_end(self.batch_size))
+        return self._loader("train", self.batch_size, sampler=sampler.no_single_item_batch(self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size)

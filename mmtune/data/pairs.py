@@ -65,7 +65,7 @@ def normalize_text(text: str) -> str:
 def _manifest_rows(path: Path) -> Iterator[tuple[str, dict, Optional[str]]]:
     """(origin, row, split) of a manifest file, or of a DatasetDict folder written by `mmtune data align`
     (its parts give the split; a study of several images, `mode: list`, gives one pair per image)."""
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() in (".parquet", ".arrow"):
         rows, origins, splits = read_saved_dataset(path)
         for row, origin, split in zip(rows, origins, splits):
             images = row.get("image")

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -21,7 +22,7 @@ from mmtune.data.samples import ImageLabel
 from mmtune.data.splits import SPLIT_ALIASES, split_name
 from mmtune.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".dcm"}
 
 
 @dataclass
@@ -48,14 +49,14 @@ def file_problem(path: str) -> Optional[str]:
     """Why `path` is not a readable file (None when it is): not found, a broken symlink, a symlink
     loop, a folder."""
     try:
-        os.stat(path)
+        st = os.stat(path)
     except OSError as err:
         if err.errno == errno.ELOOP:
             return "a symlink loop"
         if os.path.islink(path):
             return f"a broken symlink (to {os.readlink(path)})"
         return "not found"
-    return "a folder, not a file" if os.path.isdir(path) else None
+    return "a folder, not a file" if stat.S_ISDIR(st.st_mode) else None  # one stat a row, not two
 
 
 def _read_folder(root: Path) -> list[ImageLabel]:
@@ -159,15 +160,26 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield from enumerate(data, start=1)
 
 
+_NO_META: dict = {}  # shared by the rows of a manifest without other columns (a million rows: 64 bytes each)
+
+
 def _read_manifest(path: Path, columns: ManifestColumns, separator: str) -> list[ImageLabel]:
+    """Rows -> samples. String paths (not pathlib) and one label tuple per distinct label cell keep a
+    million rows at a few hundred bytes each and a few seconds."""
     samples = []
     where = "row" if path.suffix.lower() in (".csv", ".tsv") else "line"
+    base = str(path.parent)
+    used = {columns.path, columns.label, columns.split}
+    label_tuples: dict[str, tuple[str, ...]] = {}
     for line, row in _rows(path):
         origin = f"{path} {where} {line}"
         if not isinstance(row, dict) or not row.get(columns.path):
             raise DataError(f"{origin}: no {columns.path!r} value (columns: {list(row) if isinstance(row, dict) else row})")
-        image = Path(str(scalar(row[columns.path], columns.path, origin, "a file path"))).expanduser()
-        image = image if image.is_absolute() else path.parent / image
+        image = str(scalar(row[columns.path], columns.path, origin, "a file path"))
+        if image.startswith("~"):
+            image = os.path.expanduser(image)
+        if not os.path.isabs(image):
+            image = os.path.join(base, image)
         raw = row.get(columns.label)
         if isinstance(raw, list):
             labels = tuple(str(scalar(x, columns.label, origin, "a class name")).strip() for x in raw)
@@ -175,17 +187,18 @@ def _read_manifest(path: Path, columns: ManifestColumns, separator: str) -> list
         elif raw is None:
             labels = ()
         else:
-            labels = tuple(x.strip() for x in str(scalar(raw, columns.label, origin, "a class name or a list of them"))
-                           .split(separator) if x.strip())
+            text = str(scalar(raw, columns.label, origin, "a class name or a list of them"))
+            labels = label_tuples.get(text)
+            if labels is None:
+                labels = label_tuples[text] = tuple(x.strip() for x in text.split(separator) if x.strip())
         split = split_name(row.get(columns.split), origin, columns.split)
         group = None
         if columns.group:
             if columns.group not in row:
                 raise DataError(f"{origin}: no group column {columns.group!r} (columns: {list(row)})")
             group = str(scalar(row[columns.group], columns.group, origin, "a group key"))
-        used = {columns.path, columns.label, columns.split}
-        meta = {k: v for k, v in row.items() if k not in used and k is not None}
-        samples.append(ImageLabel(str(image), labels, group, split, origin, meta))
+        meta = {k: v for k, v in row.items() if k not in used and k is not None} if len(row) > len(used & row.keys()) else _NO_META
+        samples.append(ImageLabel(image, labels, group, split, origin, meta))
     return samples
 
 
@@ -222,18 +235,27 @@ def read_image_labels(source: str, columns: ManifestColumns = ManifestColumns(),
 
 def read_saved_dataset(folder: Path) -> tuple[list[dict], list[str], list[Optional[str]]]:
     """Rows of a `datasets` DatasetDict (or Dataset) saved with `save_to_disk`, e.g. by `mmtune data align`,
-    with an origin (`folder[train] row 3`) and the split its part names (None for a plain Dataset)."""
-    import datasets
+    or of a Parquet/Arrow file, with an origin (`folder[train] row 3`) and the split its part names
+    (None for a single table). An `Image` cell reads as its file path."""
+    from mmtune.data.formats_tables import open_parts
 
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"{folder}: not a dataset written by save_to_disk ({err})") from None
-    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     rows, origins, splits = [], [], []
-    for name, ds in parts:
+    base = str(folder if folder.is_dir() else folder.parent)
+    for name, ds in open_parts(str(folder)).items():
         split = split_name(name, str(folder))
-        for i, row in enumerate(ds.to_list()):
+        images = [c for c, f in ds.features.items() if type(f).__name__ == "Image"]
+        for i, row in enumerate(ds.data.table.to_pylist()):  # the stored values: Image cells undecoded
+            for c in images:
+                cell = row.get(c)
+                if not isinstance(cell, dict):
+                    continue
+                path = cell.get("path")
+                if path and (os.path.isfile(path) or os.path.isfile(os.path.join(base, path)) or not cell.get("bytes")):
+                    row[c] = path
+                else:  # embedded bytes (datasets keeps only the file's name beside them)
+                    raise DataError(f"{folder} row {i}: Image column {c!r} holds image bytes, not a file this reader "
+                                    "can open; save the images as files and store their paths (image "
+                                    "classification reads the bytes)")
             rows.append(row)
             origins.append(f"{folder}[{name}] row {i}" if name else f"{folder} row {i}")
             splits.append(split)

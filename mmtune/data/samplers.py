@@ -57,10 +57,15 @@ class EpochSampler(DistributedSampler):
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         return cls(length, seed, weights, world, rank, shuffle)
 
-    def drop_ragged_end(self, batch_size: int) -> bool:
-        """Whether a loader should drop the last, smaller batch: yes when each process has more than one
-        batch (a batch of one breaks BatchNorm and leaves a contrastive loss without negatives)."""
-        return self.num_samples > batch_size
+    def no_single_item_batch(self, batch_size: int) -> "EpochSampler":
+        """Pads this process's share by one more row (from the epoch's start, as `DistributedSampler`
+        pads a shard) when it would otherwise end in a batch of one: every row still trains each epoch,
+        the last short batch included, but BatchNorm in train mode refuses a batch of one and a
+        contrastive loss has no negatives in it. All processes pad alike, so they keep equal batch counts."""
+        if batch_size > 1 and self.num_samples % batch_size == 1:
+            self.num_samples += 1
+            self.total_size = self.num_samples * self.num_replicas
+        return self
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.weights is None:

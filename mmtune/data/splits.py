@@ -14,19 +14,22 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 
 
 def assign_splits(
-    n: int, ratios: Sequence[float], seed: int, groups: Optional[Sequence[Optional[str]]] = None
+    n: int, ratios: Sequence[float], seed: int, groups: Optional[Sequence[Optional[str]]] = None,
+    labels: Optional[Sequence[Sequence[str]]] = None,
 ) -> list[str]:
     """Assigns each of `n` items to train/val/test.
 
-    Whole groups are assigned (items without a group are their own group). Groups are shuffled with
-    `seed`, then each goes to the split furthest below its target share of items, so splits come out
-    close to `ratios` even when groups differ in size.
+    Whole groups are assigned (items without a group are their own group). With `labels` the split is
+    stratified (`mmtune.data.stratify`): every class falls into the splits in their shares. Without,
+    groups are shuffled with `seed`, then each goes to the split furthest below its target share of
+    items, so splits come out close to `ratios` even when groups differ in size.
 
     Args:
         n: number of items.
         ratios: train, val, test shares (normalized; a zero share gets nothing).
         seed: shuffle seed; the same inputs always give the same assignment.
         groups: group key of each item, or None.
+        labels: the class names of each item, to stratify by (None: not stratified).
 
     Returns:
         The split name of each item.
@@ -36,9 +39,18 @@ def assign_splits(
     total = float(sum(ratios))
     shares = [r / total for r in ratios]
     members: dict[str, list[int]] = defaultdict(list)
+    if labels is not None and n:
+        from mmtune.data.stratify import stratified_splits
+
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} label rows for {n} items")
+        if groups is None:
+            return stratified_splits(labels, shares, seed)
     for i in range(n):
         key = groups[i] if groups is not None and groups[i] not in (None, "") else f"\0item{i}"
         members[key].append(i)
+    if labels is not None and n:
+        return stratified_splits(labels, shares, seed, members)
     keys = sorted(members)
     random.Random(seed).shuffle(keys)
     counts = [0, 0, 0]

@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from mmtune.data.pair_module import ContrastivePairData
 from mmtune.data.pairs import normalize_text, stable_key
-from mmtune.data.readers import _rows, scalar
+from mmtune.data.readers import _rows, read_saved_dataset, scalar
 from mmtune.data.splits import split_name
+from mmtune.data.text_groups import pairs_from_groups
 from mmtune.errors import DataError
 
 
@@ -34,31 +35,62 @@ class QueryDoc:
     origin: str = ""
 
 
-def read_query_docs(source: str, query_column: str, positive_column: str, negative_column: Optional[str],
-                    split_column: str, group_column: Optional[str]) -> tuple[list[QueryDoc], dict[str, str]]:
-    """Rows of a CSV/JSONL manifest as `QueryDoc`s, plus {origin: reason} for rows missing text."""
+def _table(source: str) -> tuple[Path, list[tuple[str, dict]]]:
+    """(origin, row) of a CSV/JSONL manifest, or of a `datasets` folder (e.g. written by `mmtune data
+    align`) whose parts name the splits."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        rows, origins, splits = read_saved_dataset(path)
+        return path, [(o, {**r, "split": s} if s else r) for r, o, s in zip(rows, origins, splits)]
     if not path.is_file():
         raise DataError(f"query-document manifest not found: {path}")
     where = "row" if path.suffix.lower() in (".csv", ".tsv") else "line"
+    return path, [(f"{path} {where} {line}", row) for line, row in _rows(path)]
+
+
+def read_query_docs(source: str, query_column: str, positive_column: str, negative_column: Optional[str],
+                    split_column: str, group_column: Optional[str], positive_from: str = "column",
+                    seed: int = 0) -> tuple[list[QueryDoc], dict[str, str]]:
+    """Rows of a manifest or `datasets` folder as `QueryDoc`s, plus {origin: reason} for rows missing
+    text. With `positive_from: group` the positive of each row's text is another text of its group
+    (`text_groups.pairs_from_groups`), and a text alone in its group is such a bad row."""
+    path, table = _table(source)
+    needed = (query_column,) if positive_from == "group" else (query_column, positive_column)
+    if positive_from == "group" and not group_column:
+        raise DataError("positive_from: group needs group_column (the texts of one group are each other's positives)")
     rows, bad = [], {}
-    for line, row in _rows(path):
-        origin = f"{path} {where} {line}"
-        for col in (query_column, positive_column):
+    for origin, row in table:
+        for col in needed + ((group_column,) if positive_from == "group" else ()):
             if not isinstance(row, dict) or col not in row:
                 raise DataError(f"{origin}: no {col!r} column (columns: {list(row) if isinstance(row, dict) else row})")
         split = split_name(row.get(split_column), origin, split_column)
-        query = str(scalar(row[query_column], query_column, origin, "text") or "").strip()
-        positive = str(scalar(row[positive_column], positive_column, origin, "text") or "").strip()
-        negative = (str(scalar(row.get(negative_column), negative_column, origin, "text") or "").strip() or None) \
-            if negative_column else None
+        query = _text(row[query_column], query_column, origin)
+        positive = _text(row[positive_column], positive_column, origin) if positive_from == "column" else ""
+        negative = (_text(row.get(negative_column), negative_column, origin) or None) if negative_column else None
         group = str(scalar(row.get(group_column), group_column, origin, "a group key")) if group_column else None
-        if not query or not positive:
+        if not query or (positive_from == "column" and not positive):
             bad[origin] = "empty query" if not query else "empty positive"
         rows.append(QueryDoc(query, positive, negative, group, split, origin))
     if not rows:
         raise DataError(f"no rows in {path}")
+    if positive_from == "group":
+        usable = [i for i, r in enumerate(rows) if r.origin not in bad]
+        # pairs only within a split: a group drawn across splits (a split column) would leak its texts
+        keys = [f"{rows[i].split}\0{rows[i].group}" if rows[i].group not in (None, "") else None for i in usable]
+        pairs, alone = pairs_from_groups([rows[i].query for i in usable], keys, seed)
+        for q, d in pairs:
+            rows[usable[q]].positive = rows[usable[d]].query
+        for a in alone:
+            bad[rows[usable[a]].origin] = "alone in its group (no other text to be its positive)"
     return rows, bad
+
+
+def _text(value, column: str, origin: str) -> str:
+    """A text cell; a number or an object is an error naming it, never made into text silently."""
+    value = scalar(value, column, origin, "text")
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{origin}: field {column!r} must be text, got a {type(value).__name__} ({str(value)[:60]})")
+    return (value or "").strip()
 
 
 class QueryDocDataset(Dataset):
@@ -96,7 +128,8 @@ class QueryDocData(ContrastivePairData):
     """Query-document pairs (with optional hard negatives) for text embedding fine-tuning.
 
     Args:
-        path: a manifest (`.csv/.tsv/.jsonl/.json`) with a query and a positive per row.
+        path: a manifest (`.csv/.tsv/.jsonl/.json`) with a query and a positive per row, or a
+            `datasets` folder (e.g. from `mmtune data align`; its parts are the splits).
         val_path: a separate validation manifest (otherwise split from `path`).
         test_path: a separate test manifest.
         split: train/val/test shares for rows without a split (whole groups go to one split).
@@ -107,6 +140,10 @@ class QueryDocData(ContrastivePairData):
         split_column: column with train/val/test, when present.
         group_column: column whose groups never cross splits (e.g. the document id, so held-out
             queries are about held-out documents).
+        positive_from: `column` reads each positive from `positive_column`; `group` makes another
+            text of the row's group (`group_column`) its positive, drawn with `seed`: the captions of
+            one image in a set aligned with `text_lists: explode` (`query_column: text`,
+            `group_column: group`). A text alone in its group is a bad pair.
         bad_pairs: `error` stops on rows with an empty query or positive; `skip` drops them.
         batch_size: training pairs per device; every other pair's document is a negative.
         eval_batch_size: evaluation chunk size.
@@ -120,14 +157,16 @@ class QueryDocData(ContrastivePairData):
                  positive_column: str = "positive", negative_column: Optional[str] = None,
                  split_column: str = "split", group_column: Optional[str] = None,
                  bad_pairs: Literal["error", "skip"] = "error", batch_size: int = 32,
-                 eval_batch_size: Optional[int] = None, num_workers: int = 0) -> None:
+                 eval_batch_size: Optional[int] = None, num_workers: int = 0,
+                 positive_from: Literal["column", "group"] = "column") -> None:
         columns = dict(query_column=query_column, positive_column=positive_column, negative_column=negative_column,
                        split_column=split_column, group_column=group_column)
+        self.positive_from = positive_from
         super().__init__(path, val_path, test_path, split, seed, columns, bad_pairs, batch_size, eval_batch_size,
                          num_workers)
 
     def read(self, source: str) -> tuple[list[QueryDoc], dict[str, str]]:
-        return read_query_docs(source, **self.columns)
+        return read_query_docs(source, **self.columns, positive_from=self.positive_from, seed=self.seed)
 
     def check_train(self, train: list[QueryDoc]) -> None:
         if self.columns["negative_column"]:

@@ -98,6 +98,13 @@ Sample = Union[Conversation, PlainText]
 # ---- reading -----------------------------------------------------------------------------------------
 def _load_rows(path: Path) -> tuple[list[dict], list[str]]:
     """Rows of a file through `datasets`, and where each came from (`file line N` / `file row N`)."""
+    if path.is_dir() or path.suffix.lower() == ".arrow":  # a `datasets` folder (save_to_disk) or an Arrow file
+        from mmtune.data.readers import read_saved_dataset
+
+        rows, origins, _ = read_saved_dataset(path)
+        if not rows:
+            raise DataError(f"{path} has no rows")
+        return rows, origins
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .json, .jsonl, .csv or .parquet)")

@@ -55,3 +55,19 @@ def build_transform(data_config: dict, train: bool, augment: AugmentSpec, image_
     # When the size is overridden the images are resized whole (no crop border is lost).
     crop_pct = 1.0 if image_size else data_config.get("crop_pct", 0.875)
     return create_transform(is_training=False, crop_pct=crop_pct, crop_mode=data_config.get("crop_mode", "center"), **common)
+
+
+def decode_side(data_config: dict, train: bool, augment: AugmentSpec, image_size: Optional[int] = None) -> int:
+    """The smallest image side the transform can use without upsampling what it keeps: training crops
+    (RandomResizedCrop) can take as little as sqrt(scale_min * ratio) of a side before resizing to the
+    input size; evaluation resizes the shorter side to size / crop_pct. A decoder may shrink a larger
+    image down to this (`images.load_image(at_least=...)`)."""
+    import math
+
+    _, h, w = data_config["input_size"]
+    size = image_size or max(h, w)
+    if train and augment.enabled:
+        smallest = math.sqrt(min(augment.scale) * min(min(augment.ratio), 1.0 / max(augment.ratio)))
+        return math.ceil(size / max(smallest, 1e-3))
+    crop_pct = 1.0 if image_size else data_config.get("crop_pct", 0.875)
+    return math.ceil(size / crop_pct)

@@ -230,7 +230,7 @@ def read_visual_source(path: str, fmt: VisualFormat, fields: VisualFields, image
         on_error: called with (sample id or origin, DataError) for a bad row; it re-raises or records a skip.
     """
     source = Path(path).expanduser()
-    if source.is_dir():
+    if source.is_dir() or source.suffix.lower() == ".arrow":
         rows, origins, split_of = read_saved_dataset(source)
     else:
         rows, origins = _load_rows(source)

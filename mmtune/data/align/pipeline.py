@@ -41,7 +41,8 @@ def _read(spec: AlignSpec) -> tuple[ImageTable, TextTable]:
     if spec.keep_columns is not None:
         columns = {c: "keep_columns" for c in spec.keep_columns}
         columns.update({getattr(spec, o): o for o in ("group_column", "split_column") if getattr(spec, o)})
-    texts = read_texts(spec.texts, spec.text_column, None if texts_are_folder else spec.key_column, columns)
+    texts = read_texts(spec.texts, spec.text_column, None if texts_are_folder else spec.key_column, columns,
+                       spec.text_lists)
     for option in ("group_column", "split_column"):
         name = getattr(spec, option)
         if name and name not in texts.columns:
@@ -193,6 +194,8 @@ def _build(spec: AlignSpec, images: ImageTable, texts: TextTable, tkeys: list, f
         ids = [f"{refs[t]}|{names[i]}" for t, i in zip(ordered_text, ordered_image)]
         image_column = [paths[i] for i in ordered_image]
     extra = spec.keep_columns if spec.keep_columns is not None else [c for c in texts.columns if c not in RESERVED_COLUMNS]
+    if "text_index" in texts.columns and "text_index" not in extra:  # which item of a list each text was
+        extra = [*extra, "text_index"]
     core = {"id": ids, "key": [tkeys[t] for t in ordered_text], "image": image_column,
             "text": [final[t] for t in ordered_text], "group": [groups[r] for r in order]}
     kept = {name: [texts.columns[name][t] for t in ordered_text] for name in extra}

@@ -158,8 +158,57 @@ def read_images(source: str, image_column: str = "path", key_column: Optional[st
     return ImageTable(root, names, paths, lines, keys if key_column else None)
 
 
+def _text_cell(text: Any, where: str, column: str, lists: str) -> tuple[Optional[list[str]], bool]:
+    """A text cell as (its texts, whether they came from a list): one for a string, one per item for
+    a list (a JSON list, or a CSV cell holding a list literal such as a Hugging Face export's
+    `['a cat', 'a dog']`); None when empty.
+
+    Raises:
+        DataError: a number, boolean or object (never turned into text silently), or a list while
+            `lists` is `error` (saying how to take one pair per item).
+    """
+    if text is None:
+        return None, False
+    items = None
+    if isinstance(text, str):
+        stripped = text.strip()
+        if stripped[:1] == "[" and stripped[-1:] == "]":
+            items = _list_literal(stripped)
+        if items is None:
+            return [stripped], False
+    elif isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        raise DataError(f"{where}: field {column!r} must be text, got a {type(text).__name__} ({str(text)[:60]}); "
+                        "quote it in the source if it is meant as text")
+    bad = next((x for x in items if not isinstance(x, str)), None)
+    if bad is not None:
+        raise DataError(f"{where}: field {column!r} is a list holding a {type(bad).__name__} ({str(bad)[:60]}); "
+                        "a text list must hold only strings")
+    if lists == "error":
+        raise DataError(f"{where}: field {column!r} holds a list of {len(items)} texts; set text_lists: explode "
+                        "(--text_lists explode) for one pair per text (its position kept in the text_index column), "
+                        "or give one text per row")
+    return [x.strip() for x in items], True
+
+
+def _list_literal(text: str) -> Optional[list]:
+    """The list a JSON or Python list literal spells (strings only matter), or None if it is not one."""
+    import ast
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)  # literals only: never runs code
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return value if isinstance(value, list) and value else None
+
+
 def read_texts(source: str, text_column: str = "text", key_column: Optional[str] = "id",
-               columns: Optional[Mapping[str, str]] = None) -> TextTable:
+               columns: Optional[Mapping[str, str]] = None, lists: str = "error") -> TextTable:
     """Reads texts from a table or a folder of `.txt` files.
 
     Args:
@@ -168,10 +217,12 @@ def read_texts(source: str, text_column: str = "text", key_column: Optional[str]
         key_column: table column with the join key (None: no key column).
         columns: table columns to read besides the text, each with the option that asks for it (named
             when the column is missing); None reads every column.
+        lists: a cell holding a list of texts: `error` refuses it (saying how), `explode` makes one
+            text per item, with its position in a `text_index` column (and `#i` in its ref).
 
     Raises:
-        DataError: the source is missing or empty, a table has no such text/key/kept column, or a
-            `.txt` file is not UTF-8.
+        DataError: the source is missing or empty, a table has no such text/key/kept column, a `.txt`
+            file is not UTF-8, or a text cell is not text (a number, an object, a list under `error`).
     """
     root = _exists(source, "text source")
     if root.is_dir():
@@ -185,7 +236,7 @@ def read_texts(source: str, text_column: str = "text", key_column: Optional[str]
             except UnicodeDecodeError as err:
                 raise DataError(f"{root / ref}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         return TextTable(root, texts, list(refs), list(refs))
-    texts, keys, lines = [], [], []
+    texts, keys, lines, item_index = [], [], [], []
     wanted = None if columns is None else dict(columns)
     values_of: dict[str, list] = {} if wanted is None else {c: [] for c in wanted}
     seen: dict[str, None] = {}  # every column name met, in order (JSONL rows may differ)
@@ -199,19 +250,24 @@ def read_texts(source: str, text_column: str = "text", key_column: Optional[str]
                     seen[name] = None
                     if wanted is None and name != text_column:
                         values_of[name] = [None] * n  # a column first met on a later JSONL line
-        text = row.get(text_column)
-        if isinstance(text, (list, tuple, dict)):
-            raise DataError(f"{root} {_unit(root)} {line}: field {text_column!r} must be text, got a {type(text).__name__}")
-        texts.append(None if text is None else str(text).strip())
-        keys.append(_value(row.get(key_column)) if key_column else None)
-        lines.append(line)
-        for name, values in values_of.items():
-            values.append(row.get(name))
-        n += 1
+        cell, from_list = _text_cell(row.get(text_column), f"{root} {_unit(root)} {line}", text_column, lists)
+        for i, text in enumerate(cell if cell is not None else [None]):
+            texts.append(text)
+            keys.append(_value(row.get(key_column)) if key_column else None)
+            lines.append(line)
+            item_index.append(i if from_list else None)
+            for name, values in values_of.items():
+                values.append(row.get(name))
+            n += 1
     if not n:
         raise DataError(f"no rows in {root}")
     for needed, option in ((text_column, "text_column"), (key_column, "key_column"), *(wanted or {}).items()):
         if needed and needed not in seen:
             raise DataError(f"{root}: no column {needed!r} ({option}); its columns are {list(seen)}")
     name = root.name
-    return TextTable(root, texts, keys, [f"{name}:{line}" for line in lines], lines, values_of)
+    refs = [f"{name}:{line}" if i is None else f"{name}:{line}#{i}" for line, i in zip(lines, item_index)]
+    if any(i is not None for i in item_index):
+        if "text_index" in values_of:
+            raise DataError(f"{root}: a column is named 'text_index', which text_lists: explode writes; rename it")
+        values_of["text_index"] = item_index
+    return TextTable(root, texts, keys, refs, lines, values_of)

@@ -84,6 +84,9 @@ class AlignSpec:
         text_regex: regex with one capture group searched in each text key (None: the key as it is).
         regex_on: what a regex sees of a file: its `stem`, or its `path` relative to the folder (as
             written in a manifest).
+        text_lists: a text cell holding a list (a captions file with several captions per image):
+            `error` refuses it with a how-to; `explode` makes one pair per item, its position kept in
+            a `text_index` column (the group stays the join key, so an image's captions share a split).
         mode: `pairs` gives one row per (image, text) pair; `list` gives one row per text with all
             its images as a list (several views of one study become one multi-image sample).
         keep_columns: text table columns copied to the output (default: all of them except the text
@@ -118,6 +121,7 @@ class AlignSpec:
     text_regex: Optional[str] = None
     regex_on: Literal["stem", "path"] = "stem"
     mode: Literal["pairs", "list"] = "pairs"
+    text_lists: Literal["error", "explode"] = "error"
     keep_columns: Optional[list[str]] = None
     group_column: Optional[str] = None
     split_column: Optional[str] = None

@@ -192,6 +192,13 @@ def data_section(run: RunData) -> Section:
         else:
             rows = [[name, *(fmt((v or {}).get(c)) for c in columns)] for name, v in splits.items()]
             parts.append("<h3>Split sizes</h3>" + table(["split", *columns], rows, numeric=range(1, len(columns) + 1)))
+    how = stats.get("split") if isinstance(stats.get("split"), dict) else {}
+    if how.get("shares"):
+        kind = ("stratified by label" if how.get("stratified") else "not stratified") + (
+            f", groups of {how['grouped_by']!r} kept whole" if how.get("grouped_by") else "")
+        parts.append(facts([("split", f"{' / '.join(fmt(x) for x in how['shares'])} ({kind}, seed {fmt(how.get('seed'))})")]))
+    for line in stats.get("warnings") or []:
+        parts.append(note(str(line), "warn"))
     counts_by_split = dict(stats.get("class_counts") or {}) if isinstance(stats.get("class_counts"), dict) else {}
     if run.test.get("class_counts") and "test" not in counts_by_split:
         counts_by_split["test"] = run.test["class_counts"]
