@@ -320,3 +320,26 @@ def test_two_sweep_processes_share_one_journal_study(tmp_path, tiny_models, colo
     assert 3 <= sum(t.state.name == "COMPLETE" for t in trials) <= len(trials) <= 4
     assert len({t.user_attrs["sweep_pid"] for t in trials}) == 2, "both processes ran trials"
     assert all((runs / "shared" / f"trial_{n}" / "version_0" / "metrics.json").is_file() for n in numbers)
+
+
+@pytest.mark.slow
+def test_a_trial_can_be_a_ddp_run_and_a_pruned_ddp_trial_stops_on_every_rank(tmp_path, tiny_models, color_set):
+    """`devices_per_trial: 2`: the trial is a two-process DDP fit (CPU here, gloo). Rank 0 reports to the
+    study and broadcasts the pruner's decision, so the pruned trial ends on both ranks (no rank left
+    waiting in the next epoch's collectives). The threshold pruner makes the decision certain: any
+    validation loss is above 0."""
+    runs = tmp_path / "runs"
+    base = _base(tmp_path, tiny_models, color_set, epochs=3)
+    search = _search(tmp_path / "ddp.yaml", n_trials=1, devices_per_trial=2, pruner={"type": "threshold", "upper": 0.0})
+    run_cli("tune", "--config", ROOT / "configs" / "trainer" / "ddp.yaml", "--config", base, "--search", search,
+            "--runs_dir", runs, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true")
+    (trial,) = _study(runs, "ddp").get_trials()
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
+    run = runs / "ddp" / f"trial_{trial.number}"
+    result = json.loads((run / "trial.json").read_text())
+    assert result["pruned"] and len(result["values"]) == 1
+    metrics = json.loads((run / "version_0" / "metrics.json").read_text())
+    assert metrics["fit"]["epochs"] == 1, "both ranks stopped at the validation that pruned the trial"
+    assert [p.name for p in run.iterdir() if p.name.startswith("version_")] == ["version_0"]  # rank 1 wrote none
+    config = yaml.safe_load((run / "version_0" / "config.yaml").read_text())
+    assert int(config["trainer"]["devices"]) == 2 and config["trainer"]["strategy"] == "ddp"

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="Seconds after which no new trial starts (running ones finish)")
     p.add_argument("--seed", type=int)
     p.add_argument("--sampler", choices=("tpe", "random", "grid", "cmaes"))
-    p.add_argument("--pruner", choices=("none", "median", "hyperband", "asha"))
+    p.add_argument("--pruner", choices=("none", "median", "percentile", "threshold", "hyperband", "asha"))
     p.add_argument("--metric", help="Objective: a metric logged at validation (default: the task's monitor metric)")
     p.add_argument("--direction", choices=("minimize", "maximize"))
     p.add_argument("--workers", type=int, help="Trials at once on this machine (one per GPU when there are GPUs)")

@@ -5,7 +5,7 @@ A search file (or a `search:` section of the config) reads:
     metric: val/loss            # default: the task's monitor metric
     direction: minimize         # default: from the monitor's mode
     sampler: tpe                # tpe | random | grid | cmaes
-    pruner: median              # none | median | hyperband | asha (or a dict with the pruner's arguments)
+    pruner: median              # none | median | percentile | threshold | hyperband | asha (or a dict with the pruner's arguments)
     n_trials: 20
     enqueue: [{model.init_args.optimizer.lr: 0.001}]   # values of the first trials (e.g. the config's own)
     params:
@@ -30,7 +30,7 @@ import yaml
 from mmtune.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
-PRUNERS = ("none", "median", "hyperband", "asha")
+PRUNERS = ("none", "median", "percentile", "threshold", "hyperband", "asha")
 TYPES = ("float", "int", "categorical")
 
 

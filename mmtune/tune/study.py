@@ -27,11 +27,13 @@ def build_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
 
 def build_pruner(pruner: dict) -> optuna.pruners.BasePruner:
     """`{type: median, n_startup_trials: 2, n_warmup_steps: 1}`, `{type: hyperband, min_resource: 1,
-    max_resource: auto, reduction_factor: 3}`, `{type: asha, ...}`: the rest are the pruner's own
+    max_resource: auto, reduction_factor: 3}`, `{type: asha, ...}`, `{type: percentile, percentile: 25}`,
+    `{type: threshold, upper: 2.0}` (stop a trial whose loss leaves a bound): the rest are the pruner's own
     arguments. Steps are validations (1, 2, ...), the same across trials whatever their batch size."""
     kind = pruner.get("type", "none")
     args = {k: v for k, v in pruner.items() if k != "type"}
     classes = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+               "percentile": optuna.pruners.PercentilePruner, "threshold": optuna.pruners.ThresholdPruner,
                "hyperband": optuna.pruners.HyperbandPruner, "asha": optuna.pruners.SuccessiveHalvingPruner}
     try:
         return classes[kind](**args)
