@@ -1,5 +1,7 @@
 """int8 for ONNX files through onnxruntime's quantizer: static QDQ (activations calibrated on
-validation images) for vision models. The calibration set is checked first: too few images give
+validation images) for vision models and vision towers; dynamic (int8 weights, activations
+quantized per batch at run time) for text encoders, whose token activations vary too much with the
+text for static ranges, as onnxruntime's quantization guide advises for transformers. The calibration set is checked first: too few images give
 activation ranges from noise."""
 
 from __future__ import annotations
@@ -41,6 +43,22 @@ def quantize_onnx_static(fp32: Path, out: Path, batches: list[np.ndarray], input
     try:
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+    return out
+
+
+def quantize_onnx_dynamic(fp32: Path, out: Path) -> Path:
+    """Dynamic int8 (int8 weights of MatMul/Gemm and friends; activation ranges taken per batch)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_name(out.stem + ".pre.onnx")
+    # ONNX's own shape inference only: onnxruntime's symbolic pass cannot resolve a transformer's dynamic
+    # sequence length (and then writes a debug copy into the working directory)
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    try:
+        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
     finally:
         prepared.unlink(missing_ok=True)
     return out
