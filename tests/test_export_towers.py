@@ -120,6 +120,24 @@ def test_the_files_embed_without_mmtune_like_the_trained_model(clip_onnx, traine
     np.testing.assert_allclose(alone[0], ours[0], atol=1e-4)
 
 
+def test_clip_int8_quantizes_both_towers_and_keeps_their_embeddings(trained_clip, tmp_path):
+    """The image tower through static QDQ calibrated on validation images, the text tower dynamic."""
+    out = tmp_path / "int8"
+    run_cli("export", "--ckpt_path", trained_clip, "--out", out, "--format", "onnx", "--quantize", "int8")
+    report = json.loads((out / "export_report.json").read_text())
+    for tower in ("image_encoder", "text_encoder"):
+        sizes = report["file_bytes"][tower]
+        assert sizes["int8_bytes"] < sizes["fp32_bytes"] / 2, sizes
+        check = report["verification"][tower]
+        assert check["mean_cosine"] >= 0.95 and check["required_mean_cosine"] == 0.95, check
+    recall = report["retrieval_recall"]
+    assert set(recall["exported"]) == {"i2t_r@1", "t2i_r@1"} and 0 <= recall["exported"]["i2t_r@1"] <= 1
+    with pytest.raises(SystemExit):  # a bar the int8 towers cannot clear is an error, and nothing is written
+        run_cli("export", "--ckpt_path", trained_clip, "--out", tmp_path / "strict", "--format", "onnx",
+                "--quantize", "int8", "--min_cosine", 1.0)
+    assert not (tmp_path / "strict").exists()
+
+
 def test_an_alignment_model_to_executorch_names_the_formats_it_can_go_to(trained_clip, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli("export", "--ckpt_path", trained_clip, "--out", tmp_path / "pte", "--format", "executorch")

@@ -26,8 +26,10 @@ def check_calibration(count: int, source: str) -> None:
                           f"{MIN_CALIBRATION_IMAGES} are needed for activation ranges")
 
 
-def quantize_onnx_static(fp32: Path, out: Path, batches: list[np.ndarray], input_name: str) -> Path:
-    """QDQ int8 (per-channel weights, int8 activations) calibrated on `batches`."""
+def quantize_onnx_static(fp32: Path, out: Path, batches: list[np.ndarray], input_name: str,
+                         symbolic_shapes: bool = True) -> Path:
+    """QDQ int8 (per-channel weights, int8 activations) calibrated on `batches`; `symbolic_shapes`
+    False skips onnxruntime's symbolic shape pass, which fails on transformer towers (ViT attention)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -39,7 +41,8 @@ def quantize_onnx_static(fp32: Path, out: Path, batches: list[np.ndarray], input
             return next(self._it, None)
 
     prepared = out.with_name(out.stem + ".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared))  # shape inference + graph cleanup, as onnxruntime advises
+    # shape inference + graph cleanup, as onnxruntime advises
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=not symbolic_shapes)
     try:
         quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)

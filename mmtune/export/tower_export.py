@@ -111,7 +111,7 @@ def _write_tower(name: str, tower, task, path: Path, quantize: Optional[str], ca
             fp32 = export_onnx(tower, example, Path(tmp) / f"{name}.fp32.onnx", INPUTS[name], OUTPUTS, shapes)
             sizes["fp32_bytes"] = fp32.stat().st_size
             if name == IMAGE:
-                quantize_onnx_static(fp32, path, calibration, "pixels")
+                quantize_onnx_static(fp32, path, calibration, "pixels", symbolic_shapes=False)
             else:
                 quantize_onnx_dynamic(fp32, path)
     else:

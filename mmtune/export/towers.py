@@ -110,8 +110,24 @@ def tower_preprocessing(task) -> dict:
                               "attention_mask": "int64 [batch, sequence], 1 for real tokens, 0 for padding"},
                    "pooling": pooling, "normalize": "L2 (inside the graph)"}}
     if has_image_tower(task):
-        config = task.preprocess.image_config
-        prep[IMAGE] = training_preprocessing(config, None)
+        prep[IMAGE] = _image_processor_steps(training_preprocessing(task.preprocess.image_config, None),
+                                             getattr(task.export_extra, "image_processor", None))
+    return prep
+
+
+def _image_processor_steps(prep: dict, image_processor) -> dict:
+    """CLIP and SigLIP evaluate through their transformers image processor: CLIP resizes the shorter
+    side to `size.shortest_edge` and center-crops, SigLIP resizes straight to (H, W) without a crop."""
+    if image_processor is None:  # a dual encoder's timm backbone: timm's eval transform, as classifiers
+        return prep
+    size = image_processor.size
+    size = {"height": size, "width": size} if isinstance(size, int) else dict(size)
+    c, h, w = prep["input_size"]
+    if getattr(image_processor, "do_center_crop", False) and size.get("shortest_edge"):
+        prep["resize_shorter_side"] = int(size["shortest_edge"])
+    else:
+        prep.update(resize_shorter_side=None, resize=[h, w], crop_pct=1.0)
+        prep["steps"][1] = "resize to `resize` (H, W), aspect not kept (PIL filter `interpolation`)"
     return prep
 
 
