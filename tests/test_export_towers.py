@@ -138,6 +138,24 @@ def test_clip_int8_quantizes_both_towers_and_keeps_their_embeddings(trained_clip
     assert not (tmp_path / "strict").exists()
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_the_image_sidecar_preprocesses_like_the_familys_processor(family, tmp_path):
+    """On a non-square image: CLIP resizes the shorter side and crops, SigLIP squashes to (H, W)."""
+    from mmtune import ImageTextAlignmentTask, ModelSpec
+    from mmtune.export.preprocessing import preprocess
+    from mmtune.export.towers import tower_preprocessing
+    from support.tiny_align import save_tiny_siglip
+
+    model = (save_tiny_clip if family == "clip" else save_tiny_siglip)(tmp_path / family)
+    task = ImageTextAlignmentTask(ModelSpec(name=str(model)))
+    task.setup("test")
+    prep = tower_preprocessing(task)["image_encoder"]
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (28, 44, 3), dtype=np.uint8))
+    # within a few 8-bit levels (the processors round resized pixels); the other resize is off by > 1.8
+    np.testing.assert_allclose(preprocess(image, prep), task.preprocess.image(image).numpy(), atol=0.05)
+
+
 def test_an_alignment_model_to_executorch_names_the_formats_it_can_go_to(trained_clip, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli("export", "--ckpt_path", trained_clip, "--out", tmp_path / "pte", "--format", "executorch")
