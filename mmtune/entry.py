@@ -70,7 +70,7 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--format", type=str, default="safetensors",
                         help="safetensors (the family's native layout), onnx or executorch (.pte, XNNPACK)")
     parser.add_argument("--quantize", type=Optional[str], default=None,
-                        help="int8: static QDQ (onnx) or PT2E/XNNPACK (executorch), calibrated on validation images")
+                        help="int8: static QDQ (onnx) or PT2E/XNNPACK (executorch), calibrated on validation images; text towers: dynamic")
     parser.add_argument("--data", type=Optional[str], default=None,
                         help="Folder or manifest to verify and calibrate on (default: the run's data, from config.yaml)")
     parser.add_argument("--image_size", type=Optional[int], default=None,

@@ -138,6 +138,26 @@ def test_clip_int8_quantizes_both_towers_and_keeps_their_embeddings(trained_clip
     assert not (tmp_path / "strict").exists()
 
 
+def test_a_dual_encoder_without_known_data_exports_both_towers_checked_on_random_inputs(tmp_path, tiny_models):
+    from mmtune import ImageTextAlignmentTask, ModelSpec
+    from mmtune.export.pipeline import ExportOptions
+    from mmtune.export.source import ExportSource
+    from mmtune.export.tower_export import export_towers
+    from mmtune.export.towers import tower_preprocessing
+    from support.tiny_align import save_tiny_bert
+
+    task = ImageTextAlignmentTask(ModelSpec(name=str(tiny_models["vit"]), kwargs={"img_size": 32}),
+                                  text_model=ModelSpec(name=str(save_tiny_bert(tmp_path / "bert"))), embed_dim=16)
+    task.setup("test")
+    report = export_towers(ExportSource(task, "image_text_alignment", tmp_path / "x.ckpt", None), tmp_path,
+                           ExportOptions(format="onnx"), None)
+    assert report["files"] == {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx"}
+    for check in report["verification"].values():
+        assert check["split"] == "random inputs" and check["max_abs_diff"] < 1e-3
+    assert report["retrieval_recall"] is None  # no pairs, no recall
+    assert tower_preprocessing(task)["text_encoder"]["pooling"].startswith("mean over tokens")
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_the_image_sidecar_preprocesses_like_the_familys_processor(family, tmp_path):
     """On a non-square image: CLIP resizes the shorter side and crops, SigLIP squashes to (H, W)."""
@@ -154,6 +174,13 @@ def test_the_image_sidecar_preprocesses_like_the_familys_processor(family, tmp_p
     image = Image.fromarray(rng.integers(0, 255, (28, 44, 3), dtype=np.uint8))
     # within a few 8-bit levels (the processors round resized pixels); the other resize is off by > 1.8
     np.testing.assert_allclose(preprocess(image, prep), task.preprocess.image(image).numpy(), atol=0.05)
+
+
+def test_predict_on_a_tower_says_it_runs_classifiers(clip_onnx, clip_pairs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli("predict", "--model", clip_onnx / "image_encoder.onnx", "--data", clip_pairs.parent,
+                "--out", tmp_path / "p.csv")
+    assert "runs image classifiers; this export is 'image_text_alignment'" in capsys.readouterr().err
 
 
 def test_an_alignment_model_to_executorch_names_the_formats_it_can_go_to(trained_clip, tmp_path, capsys):

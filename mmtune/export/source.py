@@ -54,7 +54,8 @@ def _fit_config(run_dir: Optional[Path]) -> dict:
 
 def load_source(ckpt_path: str, trust_remote_code: bool = False, data_path: Optional[str] = None,
                 image_size: Optional[int] = None) -> ExportSource:
-    """Loads the checkpoint's task and, for image classifiers, the data module of its run.
+    """Loads the checkpoint's task and, for image classifiers and image-text / text-embedding models,
+    the data module of its run.
 
     Args:
         ckpt_path: an mmtune checkpoint.
