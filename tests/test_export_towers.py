@@ -212,3 +212,31 @@ def test_text_encoder_int8_reports_recall_before_and_after(tmp_path):
     assert abs(recall["exported"]["q2d_r@1"] - recall["trained"]["q2d_r@1"]) <= 0.25
     text = json.loads((out / "preprocessing.json").read_text())["preprocessing"]["text_encoder"]
     assert text["pooling"].startswith("mean over tokens") and (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_text_encoder_lowers_to_executorch_with_dynamic_batch_and_length(tmp_path):
+    """ExecuTorch (XNNPACK) lowers a BERT text tower; the runtime's embeddings equal the trained ones at
+    other batch sizes (more than the 32 rows a call it is planned for) and lengths. Not offered by the
+    CLI yet (`pipeline.CAN_GO`)."""
+    from mmtune import ImageTextAlignmentTask, ModelSpec
+    from mmtune.errors import ExportError
+    from mmtune.export.pipeline import ExportOptions
+    from mmtune.export.source import ExportSource
+    from mmtune.export.tower_export import PteTower, export_towers
+
+    task = ImageTextAlignmentTask(ModelSpec(name=str(save_tiny_sentence_encoder(tmp_path / "encoder"))))
+    task.setup("test")
+    task.eval()
+    source = ExportSource(task, "image_text_alignment", tmp_path / "x.ckpt", None)
+    report = export_towers(source, tmp_path, ExportOptions(format="executorch"), None)
+    assert report["files"] == {"text_encoder": "text_encoder.pte"}
+    assert report["verification"]["text_encoder"]["max_abs_diff"] < 1e-3
+    texts = [f"a photo of the {'big ' * (i % 5)}red square" for i in range(40)]
+    enc = task.preprocess.text(texts)
+    tower = PteTower(tmp_path / "text_encoder.pte", ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        ours = task.embed_texts(enc).numpy()
+    np.testing.assert_allclose(tower.run({k: v.numpy() for k, v in enc.items()}), ours, atol=1e-4)
+    with pytest.raises(ExportError, match="int8 of image-text and text-embedding towers is ONNX only"):
+        export_towers(source, tmp_path / "q", ExportOptions(format="executorch"), "int8")

@@ -1,6 +1,6 @@
 """`mmtune export --format onnx` of an image-text or text-embedding checkpoint: each tower its own
 ONNX file (int8: static QDQ for the image tower, dynamic for the text tower), run in onnxruntime
-against the trained towers on the validation pairs, with the largest embedding difference, the
+(or, for `.pte` towers, the ExecuTorch runtime) against the trained towers on the validation pairs, with the largest embedding difference, the
 cosine between exported and trained embeddings, and retrieval Recall@1 of both in the report."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mmtune.errors import ExportError
-from mmtune.export.towers import (IMAGE, IMAGE_INPUTS, OUTPUTS, TEXT, TEXT_INPUTS, dynamic_shapes, image_example,
-                                  text_example, tower_networks)
+from mmtune.export.towers import (IMAGE, IMAGE_INPUTS, OUTPUTS, PTE_MAX_BATCH, TEXT, TEXT_INPUTS, dynamic_shapes,
+                                  image_example, text_example, tower_networks)
 
 INPUTS = {IMAGE: IMAGE_INPUTS, TEXT: TEXT_INPUTS}
 # a pair data batch's keys -> (query tower, its feed keys, document feed keys, key names, direction names)
@@ -49,6 +49,25 @@ class OnnxTower:
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, {k: np.ascontiguousarray(feed[k]) for k in self.inputs})[0]
+
+
+class PteTower:
+    """An exported tower in the ExecuTorch runtime: `run(feed) -> embeddings`, in chunks of the batch
+    size the program was planned for."""
+
+    def __init__(self, path: Path, inputs: tuple[str, ...]) -> None:
+        from executorch.runtime import Runtime
+
+        self.method = Runtime.get().load_program(path).load_method("forward")
+        self.inputs = inputs
+        self.max_batch = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(feed[self.inputs[0]])
+        return np.concatenate([
+            self.method.execute(tuple(torch.from_numpy(np.ascontiguousarray(feed[k][i:i + self.max_batch]))
+                                      for k in self.inputs))[0].numpy()
+            for i in range(0, rows, self.max_batch)])
 
 
 def _pair_batches(source, limit: int) -> list[dict]:
@@ -104,8 +123,13 @@ def _write_tower(name: str, tower, task, path: Path, quantize: Optional[str], ca
     from mmtune.export.quantize import quantize_onnx_dynamic, quantize_onnx_static
 
     example = (image_example(task.preprocess.image_config["input_size"]),) if name == IMAGE else text_example(task)
-    shapes = dynamic_shapes(name, task)
     sizes = {}
+    if path.suffix == ".pte":
+        from mmtune.export.executorch_format import export_pte
+
+        export_pte(tower, example, path, dynamic_shapes=dynamic_shapes(name, task, PTE_MAX_BATCH))
+        return {"fp32_bytes": path.stat().st_size}
+    shapes = dynamic_shapes(name, task)
     if quantize:
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_onnx(tower, example, Path(tmp) / f"{name}.fp32.onnx", INPUTS[name], OUTPUTS, shapes)
@@ -130,6 +154,9 @@ def export_towers(source, out: Path, opts, quantize: Optional[str]) -> dict:
     """
     from mmtune.export.quantize import check_calibration
 
+    if quantize and opts.format == "executorch":
+        raise ExportError("--quantize int8 of image-text and text-embedding towers is ONNX only (onnxruntime's "
+                          "dynamic and static quantization); export them to executorch in float")
     task = source.task
     towers = tower_networks(task)
     batches = _pair_batches(source, opts.max_images)
@@ -144,12 +171,14 @@ def export_towers(source, out: Path, opts, quantize: Optional[str]) -> dict:
     calibration = [b["query"]["pixels"] for b in batches if b["query_tower"] == IMAGE]
     started = time.perf_counter()
     files, sizes = {}, {}
+    suffix = ".pte" if opts.format == "executorch" else ".onnx"
     for name, tower in towers.items():
-        path = out / f"{name}.onnx"
+        path = out / f"{name}{suffix}"
         sizes[name] = _write_tower(name, tower, task, path, quantize, calibration)
         files[name] = path.name
     seconds = time.perf_counter() - started
-    exported = {name: OnnxTower(out / file) for name, file in files.items()}
+    exported = {name: PteTower(out / file, INPUTS[name]) if suffix == ".pte" else OnnxTower(out / file)
+                for name, file in files.items()}
 
     def trained(name: str, feed: dict) -> np.ndarray:
         with torch.no_grad():
@@ -184,9 +213,9 @@ def _check(verification: dict[str, EmbeddingAgreement], quantize: Optional[str],
     trained embeddings at least --min_cosine (int8 embeddings differ by design)."""
     for name, v in verification.items():
         if quantize and v.mean_cosine < opts.min_cosine:
-            raise ExportError(f"{name}.onnx: int8 embeddings have mean cosine {v.mean_cosine:.4f} to the trained "
+            raise ExportError(f"{name}: int8 embeddings have mean cosine {v.mean_cosine:.4f} to the trained "
                               f"model's on {v.items} validation inputs, under --min_cosine {opts.min_cosine:g} "
                               "(export without --quantize)")
         if not quantize and v.max_abs_diff > opts.tolerance:
-            raise ExportError(f"{name}.onnx: embeddings differ from the trained model's by up to {v.max_abs_diff:.3g} "
+            raise ExportError(f"{name}: embeddings differ from the trained model's by up to {v.max_abs_diff:.3g} "
                               f"on {v.items} validation inputs (tolerance {opts.tolerance:g}, --tolerance)")

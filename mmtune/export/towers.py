@@ -23,6 +23,9 @@ IMAGE, TEXT = "image_encoder", "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 IMAGE_INPUTS, TEXT_INPUTS, OUTPUTS = ("pixels",), ("input_ids", "attention_mask"), ("embeddings",)
 MAX_BATCH = 4096
+# ExecuTorch plans its memory for the largest shapes: a text tower at batch 4096 x max_length would
+# reserve gigabytes, so .pte towers take up to 32 rows a call (the runner splits larger batches)
+PTE_MAX_BATCH = 32
 
 
 class ImageTower(nn.Module):
@@ -82,10 +85,10 @@ def text_example(task) -> tuple[torch.Tensor, torch.Tensor]:
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
-def dynamic_shapes(name: str, task):
+def dynamic_shapes(name: str, task, max_batch: int = MAX_BATCH):
     """torch.export dynamic dimensions: batch for both towers, sequence length for text (up to the
     tokenizer's max_length; fixed there when the model pads every text to it)."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
     if name == IMAGE:
         return ({0: batch},)
     max_length, padded = text_limits(task)
