@@ -72,6 +72,16 @@ def test_clip_towers_are_verified_files_with_their_preprocessing(clip_onnx):
     text = sidecar["preprocessing"]["text_encoder"]
     assert text["max_length"] == 16 and "L2" in text["normalize"]
     assert sidecar["towers"]["text_encoder"]["inputs"] == ["input_ids", "attention_mask"]
+    import onnx
+
+    def dims(file):
+        graph = onnx.load(str(clip_onnx / file)).graph
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in list(graph.input) + list(graph.output)}
+
+    assert dims("text_encoder.onnx") == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
+                                         "embeddings": ["batch", 16]}
+    assert dims("image_encoder.onnx") == {"pixels": ["batch", 3, 32, 32], "embeddings": ["batch", 16]}
 
 
 def _hand_pixels(path: Path, prep: dict) -> np.ndarray:
