@@ -193,12 +193,17 @@ def test_predict_on_a_tower_says_it_runs_classifiers(clip_onnx, clip_pairs, tmp_
     assert "runs image classifiers; this export is 'image_text_alignment'" in capsys.readouterr().err
 
 
-def test_an_alignment_model_to_executorch_names_the_formats_it_can_go_to(trained_clip, tmp_path, capsys):
+@pytest.mark.slow
+def test_clip_towers_go_to_executorch_from_the_cli_and_int8_there_is_refused(trained_clip, tmp_path, capsys):
+    run_cli("export", "--ckpt_path", trained_clip, "--out", tmp_path / "pte", "--format", "executorch")
+    report = json.loads((tmp_path / "pte" / "export_report.json").read_text())
+    assert report["files"] == {"image_encoder": "image_encoder.pte", "text_encoder": "text_encoder.pte"}
+    assert all(check["max_abs_diff"] < 1e-3 for check in report["verification"].values() if "max_abs_diff" in check)
     with pytest.raises(SystemExit):
-        run_cli("export", "--ckpt_path", trained_clip, "--out", tmp_path / "pte", "--format", "executorch")
-    err = capsys.readouterr().err
-    assert "image_text_alignment model cannot be exported to executorch; it can go to: safetensors, onnx" in err
-    assert not (tmp_path / "pte").exists()
+        run_cli("export", "--ckpt_path", trained_clip, "--out", tmp_path / "q", "--format", "executorch",
+                "--quantize", "int8")
+    assert "int8 of image-text and text-embedding towers is ONNX only" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_text_encoder_int8_reports_recall_before_and_after(tmp_path):
@@ -227,8 +232,7 @@ def test_text_encoder_int8_reports_recall_before_and_after(tmp_path):
 @pytest.mark.slow
 def test_a_text_encoder_lowers_to_executorch_with_dynamic_batch_and_length(tmp_path):
     """ExecuTorch (XNNPACK) lowers a BERT text tower; the runtime's embeddings equal the trained ones at
-    other batch sizes (more than the 32 rows a call it is planned for) and lengths. Not offered by the
-    CLI yet (`pipeline.CAN_GO`)."""
+    other batch sizes (more than the 32 rows a call it is planned for) and lengths."""
     from mmtune import ImageTextAlignmentTask, ModelSpec
     from mmtune.errors import ExportError
     from mmtune.export.pipeline import ExportOptions

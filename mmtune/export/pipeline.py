@@ -22,7 +22,7 @@ from mmtune.export.preprocessing import build_sidecar, training_preprocessing, w
 # task kind -> the formats its models can go to (an image classifier is one graph: pixels -> logits; an
 # image-text or text-embedding model is one ONNX file per tower, `mmtune.export.tower_export`)
 CAN_GO = {"image_classification": ("safetensors", "onnx", "executorch"),
-          "image_text_alignment": ("safetensors", "onnx")}
+          "image_text_alignment": ("safetensors", "onnx", "executorch")}
 FILE_NAMES = {"onnx": "model.onnx", "executorch": "model.pte"}
 
 
