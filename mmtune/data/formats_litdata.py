@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -26,6 +27,7 @@ from PIL import Image
 
 from mmtune.data.images import HighBitPolicy, to_model_mode
 from mmtune.data.samplers import seed_everything_from
+from mmtune.data.samples import ImageLabel
 from mmtune.errors import DataError
 
 CLASSES_FILE = "classes.json"  # {"classes": [...], "multi_label": bool, "counts": {split: {class: n}}}
@@ -110,6 +112,15 @@ class StreamingImageDataset(StreamingDataset):
         index = Path(self.input_dir.path or "") / "index.json"
         return json.loads(index.read_text()).get("config", {}) if index.is_file() else {}
 
+    @property
+    def samples(self) -> "StreamedSamples":
+        """The split's rows as `ImageLabel`s, read on demand (the task's per-sample records ask for the
+        validation and test rows it scored)."""
+        return StreamedSamples(self)
+
+    def where(self, position: int) -> str:
+        return f"{self.input_dir.url or self.input_dir.path}[{position}]"
+
     def __getitem__(self, index: Any) -> Any:
         item = super().__getitem__(index)
         if self.decoder is None or not isinstance(item, dict):
@@ -117,7 +128,25 @@ class StreamingImageDataset(StreamingDataset):
         position = int(getattr(index, "index", index))
         if self.decoder.augments:
             seed_everything_from(self.decoder.seed, self.current_epoch, position)
-        return self.decoder(item, position, f"{self.input_dir.url or self.input_dir.path}[{position}]")
+        return self.decoder(item, position, self.where(position))
+
+
+class StreamedSamples(Sequence):
+    """A streamed split's rows by sample index, as `ImageLabel`s (labels, and the item's `id` as origin).
+    A row is read when asked for, from the chunk cache (its chunk was streamed for the batch it was in);
+    a streamed set is never read whole."""
+
+    def __init__(self, dataset: StreamingImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> ImageLabel:
+        item = StreamingDataset.__getitem__(self.dataset, int(position))  # the stored item, not decoded
+        where, decoder = self.dataset.where(int(position)), self.dataset.decoder
+        labels = decoder.labels(item[decoder.label_key], where) if decoder and decoder.label_key in item else []
+        return ImageLabel(where, tuple(labels), origin=str(item.get("id", where)))
 
 
 class ItemDecoder:
