@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from litdata import StreamingDataset
+from litdata import StreamingDataLoader, StreamingDataset
 from PIL import Image
 
 from mmtune.data.images import HighBitPolicy, to_model_mode
@@ -147,6 +147,23 @@ class StreamedSamples(Sequence):
         where, decoder = self.dataset.where(int(position)), self.dataset.decoder
         labels = decoder.labels(item[decoder.label_key], where) if decoder and decoder.label_key in item else []
         return ImageLabel(where, tuple(labels), origin=str(item.get("id", where)))
+
+
+class StreamingLoader(StreamingDataLoader):
+    """litdata's `StreamingDataLoader`, whose resumed epoch also ends when Lightning stops asking.
+
+    After `load_state_dict` litdata replays the saved position and clears its `restore` flag only when
+    the epoch's iterator runs to its end; Lightning takes `len(loader)` batches from a sized loader and
+    never exhausts it, so the epoch after a resumed one would replay the resumed state (the same order
+    again) instead of starting the next epoch's. The flag is cleared here once the resumed epoch has
+    handed out all its samples, which is the state litdata itself reaches at an epoch's end.
+    """
+
+    def __iter__(self):
+        if self.restore and isinstance(self.dataset, StreamingDataset) \
+                and self._num_samples_yielded_streaming >= len(self.dataset):
+            self.restore = False
+        yield from super().__iter__()
 
 
 class ItemDecoder:

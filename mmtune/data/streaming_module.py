@@ -180,10 +180,10 @@ class StreamingImageData(L.LightningDataModule):
         return dataset
 
     def _loader(self, dataset: "StreamingImageDataset", batch_size: int, **kwargs) -> "StreamingDataLoader":
-        from litdata import StreamingDataLoader
+        from mmtune.data.formats_litdata import StreamingLoader
         if self.num_workers > 0:
             kwargs["prefetch_factor"] = self.prefetch_factor
-        return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+        return StreamingLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
                                    pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> "StreamingDataLoader":
