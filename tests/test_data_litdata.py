@@ -182,3 +182,25 @@ class _Opaque:
 
 def _pickled_item(i: int) -> dict:
     return {"image": b"", "label": "a", "extra": _Opaque()}
+
+
+def test_under_two_processes_each_rank_streams_its_own_part_in_equal_whole_batches(tmp_path, optimized):
+    """litdata shards chunks by rank (`drop_last` under distributed training): each rank streams a
+    disjoint part in whole batches, the same count on every rank, and the remainder waits for a later epoch."""
+    import socket
+
+    from support import ddp_litdata_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "seen.pt"
+    torch.multiprocessing.spawn(ddp_litdata_worker.run, args=(2, port, str(optimized), 5, str(out)), nprocs=2, join=True)
+    ranks = torch.load(out)
+    assert [r["len"] for r in ranks] == [2, 2]  # 12 images a rank: two whole batches of 5
+    for epoch in range(2):
+        per_rank = [[i for b in r["epochs"][epoch] for i in b] for r in ranks]
+        assert all(len(b) == 5 for r in ranks for b in r["epochs"][epoch])  # equal, whole batches
+        assert len(per_rank[0]) + len(per_rank[1]) == 20  # 4 of 24 left out (fewer than world x batch size)
+        assert not set(per_rank[0]) & set(per_rank[1]) and len(set(per_rank[0] + per_rank[1])) == 20  # no image twice
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # reshuffled each epoch
