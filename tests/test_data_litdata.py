@@ -204,3 +204,29 @@ def test_under_two_processes_each_rank_streams_its_own_part_in_equal_whole_batch
         assert len(per_rank[0]) + len(per_rank[1]) == 20  # 4 of 24 left out (fewer than world x batch size)
         assert not set(per_rank[0]) & set(per_rank[1]) and len(set(per_rank[0] + per_rank[1])) == 20  # no image twice
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # reshuffled each epoch
+
+
+def test_the_tool_writes_a_set_and_never_overwrites_one(tmp_path, optimized, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_litdata", Path(__file__).parent.parent / "tools" / "make_litdata.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    manifest = optimized.parent / "colors" / "manifest.csv"
+    assert tool.main(["--source", str(manifest), "--out", str(optimized)]) == 2
+    assert f"{optimized / 'train'}: a litdata set is already there" in capsys.readouterr().err
+    assert tool.main(["--source", str(manifest), "--out", str(tmp_path / "out"), "--split", "1", "0", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["samples"] == {"train": 36}
+    assert StreamingImageData(root=str(tmp_path / "out"), num_workers=0).setup("fit") is None
+
+
+def test_labels_by_name_index_or_several_become_targets():
+    from mmtune.data.formats_litdata import ItemDecoder
+
+    single = ItemDecoder(None, ["a", "b", "c"], False, 3, "min_max", "image", "label", "|", 0, False)
+    assert single.labels(2, "x") == ["c"] and single.labels("b", "x") == ["b"]
+    assert ItemDecoder(None, ["a", "b", "c"], True, 3, "min_max", "image", "label", "|", 0, False).labels("a|c", "x") == ["a", "c"]
+    with pytest.raises(DataError, match=r"set\[3\]: label 'd' is not in the class list"):
+        single.labels("d", "set[3]")
+    with pytest.raises(DataError, match=r"label index 5 is outside the 3 classes"):
+        single.labels(5, "set[3]")
