@@ -126,17 +126,18 @@ class StreamingImageData(L.LightningDataModule):
                                 else listed.get("multi_label", False))
         self.counts = dict(listed.get("counts") or {})
         present = listed.get("splits") or SPLIT_NAMES
+        needed = {"validate": "val", "test": "test"}.get(stage or "fit", "train")  # the split this verb runs on
         for name in SPLIT_NAMES:
-            if name != "train" and name not in present:
+            if name != needed and name not in present:
                 continue
             try:
                 self.splits[name] = self._open(name, shuffle=self.shuffle and name == "train")
             except DataError:
-                if name == "train" or listed.get("splits"):
+                if name == needed or listed.get("splits"):
                     raise
         for name, dataset in self.splits.items():
             rank_zero_info(f"[mmtune] {name}: {len(dataset)} images streamed from {dataset.input_dir.url or dataset.input_dir.path}")
-        train = len(self.splits["train"])
+        train = len(self.splits.get("train") or ())
         if self.batch_size > 1 and train % self.batch_size == 1 and not _distributed():
             rank_zero_warn(f"[mmtune] {train} training images in batches of {self.batch_size} end in a batch of one, "
                            "which BatchNorm refuses in training: choose another batch_size")
