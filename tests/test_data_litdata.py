@@ -163,6 +163,15 @@ def test_roots_that_are_not_litdata_sets_are_named(tmp_path, optimized):
         _module(f"local:{tmp_path / 'nowhere'}", classes=["a", "b"], cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"no classes.json; set data.classes"):
         _module(optimized / "train")  # a split folder, not the root
+    (tmp_path / "empty" / "train" / "index.json").write_text(json.dumps({"chunks": [], "config": {}}))
+    with pytest.raises(DataError, match=r"empty/train/index.json: the litdata index lists no chunks"):
+        _module(tmp_path / "empty")
+    import shutil
+
+    shutil.copytree(optimized, tmp_path / "partial")
+    (tmp_path / "partial" / "train" / "chunk-0-1.bin").unlink()
+    with pytest.raises(DataError, match=r"partial/train/chunk-0-1.bin: a chunk the index lists is missing \(1 of \d+\)"):
+        _module(tmp_path / "partial")
 
 
 def test_a_set_of_pickled_items_is_refused(tmp_path):

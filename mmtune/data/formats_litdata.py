@@ -74,6 +74,7 @@ def open_split(root: str, split: str, cache_dir: Optional[str], max_cache_size: 
         local = Path(where).expanduser()
         if not (local / "index.json").is_file():
             raise DataError(f"{local}: no litdata index.json (write the set with tools/make_litdata.py or litdata.optimize)")
+        _check_local_chunks(local)
         where = str(local)
     try:
         dataset = StreamingImageDataset(where, cache_dir=cache_dir, max_cache_size=max_cache_size,
@@ -83,6 +84,19 @@ def open_split(root: str, split: str, cache_dir: Optional[str], max_cache_size: 
     if len(dataset) == 0:
         raise DataError(f"{where}: the litdata set has no samples (no chunks)")
     return dataset
+
+
+def _check_local_chunks(folder: Path) -> None:
+    """A local set's index names chunks that are there (a missing one would fail mid-epoch in a worker)."""
+    try:
+        chunks = json.loads((folder / "index.json").read_text()).get("chunks")
+    except json.JSONDecodeError as err:
+        raise DataError(f"{folder / 'index.json'}: not a litdata index (invalid JSON: {err.msg})") from None
+    if not isinstance(chunks, list) or not chunks:
+        raise DataError(f"{folder / 'index.json'}: the litdata index lists no chunks")
+    missing = [c.get("filename") for c in chunks if not (folder / str(c.get("filename"))).is_file()]
+    if missing:
+        raise DataError(f"{folder / missing[0]}: a chunk the index lists is missing ({len(missing)} of {len(chunks)})")
 
 
 class StreamingImageDataset(StreamingDataset):
