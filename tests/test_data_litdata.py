@@ -97,11 +97,15 @@ def test_a_url_root_streams_through_a_bounded_cache(tmp_path, optimized):
     assert 1 <= most < len(chunks), (most, len(chunks))
 
 
-def test_a_loader_resumed_mid_epoch_goes_on_at_the_next_batch_and_then_to_the_next_epoch(optimized):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_resumed_mid_epoch_goes_on_at_the_next_batch_and_then_to_the_next_epoch(optimized, workers):
     """Lightning takes len(loader) batches and never exhausts the iterator: the epoch after a resumed
     one must still be the next epoch's order, not a replay of the resumed one."""
     def loader():
-        return _module(optimized, batch_size=5, augment=AugmentSpec(hflip=0.5)).train_dataloader()
+        dm = StreamingImageData(root=str(optimized), num_workers=workers, batch_size=5, augment=AugmentSpec(hflip=0.5))
+        dm.setup("fit")
+        dm.connect(dm.classes, dm.multi_label, DATA_CONFIG)
+        return dm.train_dataloader()
 
     def take(it, n):
         return [next(it)["index"].tolist() for _ in range(n)]
