@@ -15,6 +15,7 @@ the same decoding (`images.to_model_mode`) and transforms as every other classif
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -51,8 +52,6 @@ def read_classes_file(root: str, cache_dir: Optional[str], storage_options: Opti
         path = Path(root).expanduser() / CLASSES_FILE
         return json.loads(path.read_text()) if path.is_file() else None
     from litdata.streaming.downloader import get_downloader
-
-    import hashlib
 
     name = hashlib.sha256(root.encode()).hexdigest()[:16]
     local = Path(cache_dir or Path.home() / ".cache" / "mmtune" / "litdata") / f"classes-{name}.json"
@@ -122,9 +121,12 @@ class StreamingImageDataset(StreamingDataset):
                             "unpickled (code could run); store images as bytes and labels as str/int")
 
     def _index_config(self) -> dict:
-        """The `config` of the split's index.json (litdata has fetched it into `input_dir.path` by now)."""
+        """The `config` of the split's index.json (litdata has fetched it into `input_dir.path` by now);
+        without it nothing would be known of how items are stored, so it is refused."""
         index = Path(self.input_dir.path or "") / "index.json"
-        return json.loads(index.read_text()).get("config", {}) if index.is_file() else {}
+        if not index.is_file():
+            raise DataError(f"{self.input_dir.url or self.input_dir.path}: no litdata index.json to check the items' formats")
+        return json.loads(index.read_text()).get("config", {})
 
     @property
     def samples(self) -> "StreamedSamples":
