@@ -25,6 +25,7 @@ _PUBLIC = {
     "TextFields": "mmtune.data.text",
     "TextSource": "mmtune.data.text",
     "QueryDocData": "mmtune.data.text_pairs",
+    "StreamingImageData": "mmtune.data.streaming_module",
     "AugmentSpec": "mmtune.data.transforms",
     "VisionTextData": "mmtune.data.vl_data",
     "VisionPreferenceData": "mmtune.data.vl_preference",
