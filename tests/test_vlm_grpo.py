@@ -1,0 +1,152 @@
+"""GRPO for vision-language models on tiny VLMs built from configs: the rollout repeats each image prompt
+per completion (shapes of ids, completion mask and advantages), the image reaches the log-probabilities,
+the reference at step 0 is the policy, a few steps through the Trainer log a finite reward and change
+only the trained weights, validation writes its samples, the checkpoint reloads; encoder-decoder
+families are refused by name; on a toy task (name the image's colour) the mean reward rises."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mmtune.data.vl_prompts import VisionPromptData
+from mmtune.errors import ConfigError
+from mmtune.tasks.common import load_task
+from mmtune.tasks.vlm_grpo import VisionGRPOTask
+from tests.support.tiny_vlms import make_images, tiny_vlm_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
+COLOR = {"function": "exact_match", "kwargs": {"pattern": "([a-z]+)"}}  # the completion's last word is the answer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("vlm_grpo")
+    return {family: tiny_vlm_dir(family, root) for family in ("qwen2_vl", "llava", "blip", "vision_encoder_decoder")}
+
+
+def color_questions(root: Path, n: int, seed: int) -> Path:
+    """A VQA manifest whose answer is the image's colour word."""
+    rows = [{"id": f"q{i}", "image": str(p), "question": "What color is it?", "answer": p.stem.split("_")[1],
+             "site": f"s{i % 2}"} for i, p in enumerate(make_images(n, root / "images", seed=seed))]
+    path = root / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_task(model_dir: Path, lr: float = 0.02, rewards=(COLOR,), **grpo) -> VisionGRPOTask:
+    return VisionGRPOTask(model={"name": str(model_dir)}, adapter={"method": "lora", "r": 8, "alpha": 16,
+                                                                  "parts": {"projector": "frozen"}},
+                          optimizer={"lr": lr, "warmup": 0, "weight_decay": 0.0},
+                          monitor={"metric": "val/reward", "mode": "max", "early_stopping": False},
+                          grpo={"num_generations": 4, "max_new_tokens": 6, "beta": 0.1, **grpo}, rewards=list(rewards))
+
+
+def first_batch(task: VisionGRPOTask, path: Path, batch_size: int = 2) -> dict:
+    dm = VisionPromptData(path=str(path), split=(1.0, 0.0, 0.0), batch_size=batch_size, num_workers=0)
+    dm.setup("fit")
+    task.configure_model()
+    dm.connect(task.encoding)
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_the_rollout_repeats_each_image_prompt_per_completion(models, tmp_path, family):
+    task = make_task(models[family])
+    batch = first_batch(task, color_questions(tmp_path, 4, 0))
+    assert batch["meta"][0]["answer"] in {"red", "green", "blue", "yellow"} and batch["meta"][0]["site"]
+    torch.manual_seed(0)
+    rollout = task.rollout(batch)
+    n, width = 2 * 4, rollout.input_ids.shape[1]
+    length = width - rollout.prompt_len
+    assert rollout.input_ids.shape[0] == n and rollout.completion_mask.shape == (n, length) and 1 <= length <= 6
+    assert rollout.attention_mask.shape == (n, width) and rollout.advantages.shape == (n,)
+    assert rollout.rewards.shape == (n,) and set(rollout.scores) == {"exact_match"} and len(rollout.texts) == n
+    # advantages are normalised within each prompt's group of completions
+    assert torch.allclose(rollout.advantages.view(2, 4).sum(1), torch.zeros(2), atol=1e-4)
+    # the pixel inputs travel with the rollout, their per-token rows extended over the completion
+    assert "pixel_values" in rollout.model_inputs
+    if family == "qwen2_vl":
+        assert rollout.model_inputs["mm_token_type_ids"].shape == (n, width)
+        assert not rollout.model_inputs["mm_token_type_ids"][:, rollout.prompt_len:].any()
+    rows = rollout.rows(slice(None))
+    task.eval()
+    with torch.no_grad():
+        terms = task.loss_terms(rows, rollout.prompt_len)
+        assert terms["kl"].item() == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA is the reference
+        assert torch.isfinite(terms["loss"]) and terms["clip_ratio"].item() == 0
+        # the completions' log-probabilities are taken with the image: other pixels give other values
+        seen = task._policy_logps(task.net, rows, rollout.prompt_len)
+        pixels = rows["model_inputs"]["pixel_values"]
+        other = {**rows, "model_inputs": {**rows["model_inputs"], "pixel_values": pixels.flip(0) + 0.5}}
+        assert not torch.allclose(seen, task._policy_logps(task.net, other, rollout.prompt_len))
+        if family == "llava":  # one pixel row per completion: micro-batches are cut by row
+            part = rollout.rows(slice(2, 5))
+            assert torch.allclose(task._policy_logps(task.net, part, rollout.prompt_len), seen[2:5], atol=1e-5)
+        else:  # Qwen2-VL packs every image's patches into one tensor
+            with pytest.raises(ConfigError, match="micro_batch_size: 0"):
+                rollout.rows(slice(0, 4))
+
+
+def test_encoder_decoder_families_are_refused_by_name(models):
+    with pytest.raises(ConfigError, match="VisionGRPOTask works with llava, idefics3.*blip has no chat template"):
+        make_task(models["blip"])
+    with pytest.raises(ConfigError, match="vision_encoder_decoder is an encoder-decoder"):
+        make_task(models["vision_encoder_decoder"])
+    with pytest.raises(ConfigError, match="needs rewards"):
+        VisionGRPOTask(model={"name": str(models["qwen2_vl"])})
+
+
+def _fit(task, tmp_path, train: Path, val: Path, steps: int, seen: list) -> L.Trainer:
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["train/reward"]))
+
+    dm = VisionPromptData(path=str(train), val_path=str(val), split=(1.0, 0.0, 0.0), batch_size=2, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, callbacks=[Record()],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        log_every_n_steps=1, logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer.fit(task, datamodule=dm)
+    return trainer
+
+
+def test_a_few_steps_train_only_the_adapter_and_reload(models, tmp_path):
+    train, val = color_questions(tmp_path / "train", 8, 0), color_questions(tmp_path / "val", 3, 1)
+    task = make_task(models["qwen2_vl"], rewards=(COLOR, {"function": "length_penalty", "weight": 0.1,
+                                                         "kwargs": {"target": 3}}))
+    task.configure_model()
+    before = {k: v.detach().clone() for k, v in task.net.named_parameters()}
+    seen: list[float] = []
+    trainer = _fit(task, tmp_path, train, val, 3, seen)
+    assert len(seen) == 3 and all(math.isfinite(r) for r in seen)
+    changed = {k for k, v in task.net.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert changed and all("lora_" in k for k in changed)  # the base, the vision tower, the projector stay
+    metrics = trainer.callback_metrics
+    assert {"train/loss", "train/kl", "train/clip_ratio", "train/completion_length", "train/reward/exact_match",
+            "train/reward/length_penalty", "val/reward", "val/reward/exact_match"} <= set(metrics)
+    run = Path(trainer.log_dir)
+    line = json.loads((run / "samples" / "val_step_3.jsonl").read_text().splitlines()[0])
+    assert {"origin", "messages", "completion", "reward", "rewards", "tokens"} <= set(line)
+    ckpt = next((run / "checkpoints").glob("*.ckpt"))
+    loaded = load_task(str(ckpt))
+    assert isinstance(loaded, VisionGRPOTask) and loaded.grpo_spec.num_generations == 4
+    loaded.configure_model()
+    state = dict(loaded.net.named_parameters())
+    assert all(torch.equal(state[k].detach(), v.detach()) for k, v in task.net.named_parameters() if k in changed)
+
+
+@pytest.mark.slow
+def test_vlm_grpo_raises_the_mean_reward_of_naming_the_colour(models, tmp_path):
+    train, val = color_questions(tmp_path / "train", 16, 0), color_questions(tmp_path / "val", 4, 1)
+    task = make_task(models["qwen2_vl"], lr=0.02, beta=0.0, num_generations=8, max_new_tokens=3)
+    seen: list[float] = []
+    _fit(task, tmp_path, train, val, 40, seen)
+    first, last = sum(seen[:8]) / 8, sum(seen[-8:]) / 8
+    print("train reward", first, "->", last)
+    assert last > first + 0.2
