@@ -129,10 +129,15 @@ def sample_group(net: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
 @torch.no_grad()
 def generate_completions(net: torch.nn.Module, inputs: dict, max_new_tokens: int, stop_ids: Sequence[int],
                          pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                         do_sample: bool = True) -> torch.Tensor:
+                         do_sample: bool = True, suppress_ids: Sequence[int] = ()) -> torch.Tensor:
     """`[N, P + L]` ids: the model inputs (one row per completion: `input_ids`, `attention_mask` and
-    whatever else the model reads, e.g. a VLM's pixel values) continued by `generate` (eval mode, KV cache)."""
+    whatever else the model reads, e.g. a VLM's pixel values) continued by `generate` (eval mode, KV cache).
+
+    `suppress_ids` are never generated: a VLM's image placeholder token in a completion would make the
+    next forward pass look for image features that do not exist."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {"do_sample": False}
+    if suppress_ids:
+        sampling["suppress_tokens"] = sorted(suppress_ids)
     was_training = net.training
     net.eval()
     try:
