@@ -155,3 +155,31 @@ def test_vlm_grpo_raises_the_mean_reward_of_naming_the_colour(models, tmp_path):
     first, last = sum(seen[:10]) / 10, sum(seen[-10:]) / 10
     print("train reward", first, "->", last)
     assert last > first + 0.2
+
+
+@pytest.mark.slow
+def test_vlm_grpo_resumes_mid_epoch_exactly_through_the_cli_and_exports(models, tmp_path):
+    import yaml
+    from test_resume import kill_and_resume
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import run_cli
+
+    train, val = color_questions(tmp_path / "train", 8, 0), color_questions(tmp_path / "val", 2, 1)
+    config = tmp_path / "vlm_grpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "VisionGRPOTask", "init_args": {
+            "model": {"name": str(models["qwen2_vl"])}, "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+            "optimizer": {"lr": 0.02, "warmup": 0.2, "weight_decay": 0.0},
+            "grpo": {"num_generations": 4, "max_new_tokens": 4, "beta": 0.04}, "rewards": [COLOR],
+            "monitor": {"metric": "val/reward", "mode": "max", "early_stopping": False, "save_last_every_n_steps": 2}}},
+        "data": {"class_path": "VisionPromptData", "init_args": {"path": str(train), "val_path": str(val),
+                                                                "batch_size": 2, "num_workers": 0}},
+        "trainer": {"accelerator": "cpu", "max_epochs": 3, "enable_progress_bar": False, "enable_model_summary": False,
+                    "log_every_n_steps": 1},
+    }))
+    # 4 steps an epoch: killed at epoch 1 batch 3, last saved at step 6 (epoch 1, batch 2)
+    run = kill_and_resume(tmp_path, config, epoch=1, batch=3, saved_step=6, last_epoch=2)
+    assert (run / "samples" / "val_step_12.jsonl").is_file()
+    run_cli("export", "--ckpt_path", run / "checkpoints" / "best.ckpt", "--out", tmp_path / "merged")
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "merged") is not None
