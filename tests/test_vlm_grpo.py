@@ -17,6 +17,7 @@ import torch
 from mmtune.data.vl_prompts import VisionPromptData
 from mmtune.errors import ConfigError
 from mmtune.tasks.common import load_task
+from mmtune.tasks.grpo_rollout import build_rollout
 from mmtune.tasks.vlm_grpo import VisionGRPOTask
 from tests.support.tiny_vlms import make_images, tiny_vlm_dir
 
@@ -28,21 +29,24 @@ COLOR = {"function": "exact_match", "kwargs": {"pattern": "([a-z]+)"}}  # the co
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("vlm_grpo")
-    return {family: tiny_vlm_dir(family, root) for family in ("qwen2_vl", "llava", "blip", "vision_encoder_decoder")}
+    return {family: tiny_vlm_dir(family, root) for family in ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "blip",
+                                                           "vision_encoder_decoder")}
 
 
 def color_questions(root: Path, n: int, seed: int) -> Path:
     """A VQA manifest whose answer is the image's colour word."""
-    rows = [{"id": f"q{i}", "image": str(p), "question": "What color is it?", "answer": p.stem.split("_")[1],
+    questions = ("What color is it?", "What color is the shape in this image?")  # two lengths: left padding
+    rows = [{"id": f"q{i}", "image": str(p), "question": questions[i % 2], "answer": p.stem.split("_")[1],
              "site": f"s{i % 2}"} for i, p in enumerate(make_images(n, root / "images", seed=seed))]
     path = root / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def make_task(model_dir: Path, lr: float = 0.02, rewards=(COLOR,), **grpo) -> VisionGRPOTask:
-    return VisionGRPOTask(model={"name": str(model_dir)}, adapter={"method": "lora", "r": 8, "alpha": 16,
-                                                                  "parts": {"projector": "frozen"}},
+def make_task(model_dir: Path, lr: float = 0.02, rewards=(COLOR,), adapter: str = "lora", **grpo) -> VisionGRPOTask:
+    parts = {"lora": {"method": "lora", "r": 8, "alpha": 16, "parts": {"projector": "frozen"}},
+             "none": {"method": "none"}}[adapter]
+    return VisionGRPOTask(model={"name": str(model_dir)}, adapter=parts,
                           optimizer={"lr": lr, "warmup": 0, "weight_decay": 0.0},
                           monitor={"metric": "val/reward", "mode": "max", "early_stopping": False},
                           grpo={"num_generations": 4, "max_new_tokens": 6, "beta": 0.1, **grpo}, rewards=list(rewards))
@@ -56,9 +60,10 @@ def first_batch(task: VisionGRPOTask, path: Path, batch_size: int = 2) -> dict:
     return next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_the_rollout_repeats_each_image_prompt_per_completion(models, tmp_path, family):
-    task = make_task(models[family])
+@pytest.mark.parametrize("family,adapter", [("qwen2_vl", "lora"), ("qwen2_5_vl", "lora"), ("llava", "lora"),
+                                            ("idefics3", "lora"), ("llava", "none")])
+def test_the_rollout_repeats_each_image_prompt_per_completion(models, tmp_path, family, adapter):
+    task = make_task(models[family], adapter=adapter)
     batch = first_batch(task, color_questions(tmp_path, 4, 0))
     assert batch["meta"][0]["answer"] in {"red", "green", "blue", "yellow"} and batch["meta"][0]["site"]
     torch.manual_seed(0)
@@ -74,26 +79,52 @@ def test_the_rollout_repeats_each_image_prompt_per_completion(models, tmp_path, 
     assert torch.allclose(rollout.advantages.view(2, 4).sum(1), torch.zeros(2), atol=1e-4)
     # the pixel inputs travel with the rollout, their per-token rows extended over the completion
     assert "pixel_values" in rollout.model_inputs
-    if family == "qwen2_vl":
+    assert (task._ref is None) == (adapter == "lora")  # LoRA: the base with adapters off; full: a frozen copy
+    if family.startswith("qwen"):
         assert rollout.model_inputs["mm_token_type_ids"].shape == (n, width)
         assert not rollout.model_inputs["mm_token_type_ids"][:, rollout.prompt_len:].any()
     rows = rollout.rows(slice(None))
     task.eval()
     with torch.no_grad():
         terms = task.loss_terms(rows, rollout.prompt_len)
-        assert terms["kl"].item() == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA is the reference
+        assert terms["kl"].item() == pytest.approx(0.0, abs=1e-6)  # at the start the policy is the reference
         assert torch.isfinite(terms["loss"]) and terms["clip_ratio"].item() == 0
         # the completions' log-probabilities are taken with the image: other pixels give other values
         seen = task._policy_logps(task.net, rows, rollout.prompt_len)
         pixels = rows["model_inputs"]["pixel_values"]
         other = {**rows, "model_inputs": {**rows["model_inputs"], "pixel_values": pixels.flip(0) + 0.5}}
         assert not torch.allclose(seen, task._policy_logps(task.net, other, rollout.prompt_len))
-        if family == "llava":  # one pixel row per completion: micro-batches are cut by row
+        if not family.startswith("qwen"):  # one pixel row per completion: micro-batches are cut by row
             part = rollout.rows(slice(2, 5))
             assert torch.allclose(task._policy_logps(task.net, part, rollout.prompt_len), seen[2:5], atol=1e-5)
         else:  # Qwen2-VL packs every image's patches into one tensor
             with pytest.raises(ConfigError, match="micro_batch_size: 0"):
                 rollout.rows(slice(0, 4))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "idefics3"])
+def test_the_logp_pass_sees_what_generation_saw(models, tmp_path, family):
+    """The completions' log-probabilities from one forward pass over prompt + completion equal those of
+    the sampling steps (positions under left padding, multimodal rotary positions, image features)."""
+    task = make_task(models[family])
+    batch = first_batch(task, color_questions(tmp_path, 4, 0))
+    inputs = task.prompt_inputs(batch, 2)
+    prompt_ids, prompt_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    assert not prompt_mask.all()  # the two questions differ in length
+    stops = task.encoding.stop_ids
+    task.net.eval()
+    with torch.no_grad():
+        out = task.net.generate(input_ids=prompt_ids.clone(), attention_mask=prompt_mask, **inputs, max_new_tokens=5,
+                                do_sample=False, eos_token_id=stops, pad_token_id=task.processor.tokenizer.pad_token_id,
+                                suppress_tokens=sorted(task.encoding.image_ids), use_cache=True,
+                                return_dict_in_generate=True, output_logits=True)
+        rollout = build_rollout(prompt_ids, prompt_mask, out.sequences[:, prompt_ids.shape[1]:], stops,
+                                task.processor.tokenizer, inputs)
+        rollout.advantages = torch.zeros(len(prompt_ids))
+        want = torch.stack(out.logits, 1).float().log_softmax(-1).gather(2, rollout.completion_ids.unsqueeze(-1))[..., 0]
+        got = task._policy_logps(task.net, rollout.rows(slice(None)), rollout.prompt_len)
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(got[mask], want[mask], atol=1e-4), (got - want).abs().max()
 
 
 def test_encoder_decoder_families_are_refused_by_name(models):
