@@ -127,6 +127,17 @@ def test_the_logp_pass_sees_what_generation_saw(models, tmp_path, family):
     assert torch.allclose(got[mask], want[mask], atol=1e-4), (got - want).abs().max()
 
 
+def test_a_reward_model_reads_the_text_of_an_image_prompt(models, tmp_path):
+    from mmtune.rewards.model import text_turns
+
+    task = make_task(models["qwen2_vl"])
+    prompt = first_batch(task, color_questions(tmp_path, 2, 0))["messages"][0]
+    assert any(part["type"] == "image" for part in prompt[0]["content"])
+    assert text_turns(prompt) == [{"role": "user", "content": "What color is it?"}]
+    plain = [{"role": "user", "content": "2+2?"}]
+    assert text_turns(plain) == plain
+
+
 def test_encoder_decoder_families_are_refused_by_name(models):
     with pytest.raises(ConfigError, match="VisionGRPOTask works with llava, idefics3.*blip has no chat template"):
         make_task(models["blip"])
