@@ -76,7 +76,9 @@ def test_replay_forgets_less_in_a_two_stage_class_incremental_run(tmp_path, tiny
                           model_args={"adapter": {"method": "lora", "r": 4}, "monitor": {"early_stopping": False}},
                           data_args={"group_column": None, "verify_images": False}, trainer={"max_epochs": 3})
     results = {}
-    for label, replay in (("none", {}), ("replay", {"share": 0.5, "seed": 0})):
+    # Replay of every earlier training sample: with half of them, 3 epochs of a tiny random ViT sometimes
+    # forgot stage 0 as fully as no replay did (10 old rows against 24 new), so the test was a coin.
+    for label, replay in (("none", {}), ("replay", {"share": 1.0, "seed": 0})):
         (tmp_path / f"{label}.yaml").write_text(json.dumps({"continual": {"stages": [str(first), str(second)],
                                                                           "replay": replay}}))
         cfg, spec = read_configs(str(config), str(tmp_path / f"{label}.yaml"))
@@ -85,7 +87,8 @@ def test_replay_forgets_less_in_a_two_stage_class_incremental_run(tmp_path, tiny
         assert json.loads((tmp_path / label / "metrics.json").read_text())["continual"]["accuracy_matrix"]
     assert results["replay"]["stages"][1]["classes"] == ["green", "red", "blue", "yellow"]
     assert results["replay"]["stages"][1]["replayed"] > 0 and results["none"]["stages"][1]["replayed"] == 0
-    assert results["replay"]["average_forgetting"] < results["none"]["average_forgetting"], results
+    summary = {k: (v["accuracy_matrix"], v["average_forgetting"]) for k, v in results.items()}
+    assert results["replay"]["average_forgetting"] < results["none"]["average_forgetting"], summary
 
 
 def test_lwf_adds_the_gradient_of_the_distillation_term():
