@@ -12,10 +12,11 @@ epochs. Both are scored on the same held-out test rows (the pooled manifest's te
 Traffic is counted from the real messages: bytes of the serialized ArrayRecords the server sent and
 received (Flower's `count_bytes`), against what full fine-tuning would send (every tensor of the model).
 
-LoRA rank 4 (alpha 8), not the demo's 8: the adapter's size is linear in the rank, and at r=8 the 26
-adapted convs (176k values) plus the head and the BatchNorm statistics make 6.5% of the full model per
-message; r=4 halves the adapter (3.9%), and on these 64 px defect images it was enough (see
-docs/benchmarks.md).
+LoRA rank 4 (alpha 8), not the demo's 8: the adapter's size is linear in the rank. A message holds
+the LoRA tensors of the 26 adapted convs, the 4-class head (5k values) and the BatchNorm statistics
+(42k values, persistent buffers); at r=8 the LoRA part is 176k values and the message 929,524 bytes,
+6.8% of the 13,673,004 bytes full fine-tuning sends; r=4 halves the LoRA part: 577,524 bytes, 4.2%.
+What the rank costs in accuracy is measured here (docs/benchmarks.md).
 
     python tools/bench_federated.py [--quick] [--rounds 5] [--per-class 100] [--rank 4] [--out DIR]
 """
