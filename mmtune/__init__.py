@@ -25,9 +25,11 @@ _PUBLIC = {
     "TextFields": "mmtune.data.text",
     "TextSource": "mmtune.data.text",
     "QueryDocData": "mmtune.data.text_pairs",
+    "StreamingImageData": "mmtune.data.streaming_module",
     "AugmentSpec": "mmtune.data.transforms",
     "VisionTextData": "mmtune.data.vl_data",
     "VisionPreferenceData": "mmtune.data.vl_preference",
+    "VisionPromptData": "mmtune.data.vl_prompts",
     "VisualFields": "mmtune.data.vl_samples",
     "ConfigError": "mmtune.errors",
     "DataError": "mmtune.errors",
@@ -50,6 +52,7 @@ _PUBLIC = {
     "DecodingSpec": "mmtune.tasks.vlm",
     "VisionLanguageTask": "mmtune.tasks.vlm",
     "VisionPreferenceTask": "mmtune.tasks.vlm_preference",
+    "VisionGRPOTask": "mmtune.tasks.vlm_grpo",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from mmtune.data.samplers import ResumableLoader, seed_everything_from
+from mmtune.data.samplers import seed_everything_from
 from mmtune.files import read_json, write_text_atomic
 
 
@@ -32,8 +32,9 @@ class StepSeed(Callback):
 
 
 class ResumeLoaderPosition(Callback):
-    """Gives a mid-epoch checkpoint's loader position (`ResumableLoader.state_dict`) back to the training
-    loader when a fit resumes, so the epoch goes on with the next batch instead of starting over.
+    """Gives a mid-epoch checkpoint's loader position back to the training loader when a fit resumes, so
+    the epoch goes on with the next batch instead of starting over: any loader with a state
+    (`ResumableLoader`, litdata's `StreamingDataLoader`), as Lightning itself would.
 
     Lightning hands loader states back only if it builds the train loader after restoring the
     checkpoint, but `trainer.estimated_stepping_batches` (the schedule's length, asked for in
@@ -55,7 +56,7 @@ class ResumeLoaderPosition(Callback):
             loaders, (list, tuple)) else [loaders]
         if states and len(states) == len(loaders):
             for loader, state in zip(loaders, states):
-                if isinstance(loader, ResumableLoader):
+                if callable(getattr(loader, "load_state_dict", None)) and callable(getattr(loader, "state_dict", None)):
                     loader.load_state_dict(state)
 class ValidateAtStepLimit(Callback):
     """Validates when `max_steps` stops the fit in the middle of an epoch.

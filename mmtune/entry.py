@@ -70,7 +70,7 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--format", type=str, default="safetensors",
                         help="safetensors (the family's native layout), onnx or executorch (.pte, XNNPACK)")
     parser.add_argument("--quantize", type=Optional[str], default=None,
-                        help="int8: static QDQ (onnx) or PT2E/XNNPACK (executorch), calibrated on validation images")
+                        help="int8: static QDQ (onnx) or PT2E/XNNPACK (executorch), calibrated on validation images; text towers: dynamic")
     parser.add_argument("--data", type=Optional[str], default=None,
                         help="Folder or manifest to verify and calibrate on (default: the run's data, from config.yaml)")
     parser.add_argument("--image_size", type=Optional[int], default=None,
@@ -79,6 +79,8 @@ def export(argv: list[str]) -> None:
                         help="Largest allowed logit difference of a float export from the trained model")
     parser.add_argument("--min_agreement", type=float, default=0.9,
                         help="Smallest allowed share of validation labels an int8 export keeps")
+    parser.add_argument("--min_cosine", type=float, default=0.95,
+                        help="Image-text and text-embedding towers: smallest allowed mean cosine of int8 to trained embeddings")
     parser.add_argument("--trust_remote_code", type=bool, default=False,
                         help="Allow a checkpoint whose model sets trust_remote_code: true (runs code from the model "
                              "folder or hub; only for checkpoints and models you trust)")
@@ -86,13 +88,17 @@ def export(argv: list[str]) -> None:
     from mmtune.export.pipeline import ExportOptions, run_export
 
     opts = ExportOptions(format=args.format, quantize=args.quantize, data=args.data, image_size=args.image_size,
-                         tolerance=args.tolerance, min_agreement=args.min_agreement,
+                         tolerance=args.tolerance, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
                          trust_remote_code=args.trust_remote_code)
     out = Path(args.out)
     report = run_export(args.ckpt_path, out, opts)
     check = report.get("verification")
-    detail = (f"; verified on {check['images']} images: max |diff| {check['max_abs_diff']:.3g}, labels agree "
-              f"{check['label_agreement']:.1%}") if check else ""
+    if check and "images" in check:
+        detail = (f"; verified on {check['images']} images: max |diff| {check['max_abs_diff']:.3g}, labels agree "
+                  f"{check['label_agreement']:.1%}")
+    else:  # embedding towers: one check per tower file
+        detail = "".join(f"; {name} verified on {c['items']} inputs: max |diff| {c['max_abs_diff']:.3g}, mean cosine "
+                         f"{c['mean_cosine']:.4f}" for name, c in (check or {}).items())
     print(f"[mmtune] exported {args.ckpt_path} -> {out} ({args.format}{' int8' if report.get('quantize') else ''}{detail})")
 
 

@@ -27,6 +27,7 @@ NOISY_WARNINGS = (
     r"Experiment logs directory .* exists and is not empty",  # the run folder is mmtune's, made before the logger
     r"The `srun` command is available on your system but is not used",
     r"The dirpath has changed from .* won't be reloaded",  # a fit from another run's checkpoint is a new run
+    r"Your `IterableDataset` has `__len__` defined",  # litdata's loader: it shards by worker, its length holds
 
 )
 

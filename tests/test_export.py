@@ -207,11 +207,11 @@ def test_vit_onnx_export_agrees(tmp_path, tiny_models, color_set):
 
 def test_a_family_that_cannot_go_to_the_format_names_those_it_can(tmp_path, capsys):
     ckpt = tmp_path / "align.ckpt"
-    torch.save({"mmtune_task": "image_text_alignment", "state_dict": {}, "hyper_parameters": {}}, ckpt)
+    torch.save({"mmtune_task": "causal_lm", "state_dict": {}, "hyper_parameters": {}}, ckpt)
     with pytest.raises(SystemExit):
         run_cli("export", "--ckpt_path", ckpt, "--out", tmp_path / "x", "--format", "executorch")
     err = capsys.readouterr().err
-    assert "image_text_alignment model cannot be exported to executorch; it can go to: safetensors" in err
+    assert "causal_lm model cannot be exported to executorch; it can go to: safetensors" in err
 
 
 def test_an_unsupported_operator_names_the_module_holding_it(tmp_path):

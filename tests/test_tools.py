@@ -125,3 +125,22 @@ def test_bench_data_quick_run_measures_setup_and_both_pipelines(tmp_path):
     assert [r["workers"] for r in results["pipeline"]] == [0, 1]
     assert all(r["mmtune_images_per_s"] > 0 and r["timm_images_per_s"] > 0 for r in results["pipeline"])
     assert (tmp_path / "out.json").is_file()
+
+
+def test_fair_threads_sets_one_count_for_both_sides_and_warns_only_when_threads_do_not_help(monkeypatch):
+    fair = _load("fair_threads")
+    before = torch.get_num_threads()
+    try:
+        assert fair.apply_threads(None) is None and torch.get_num_threads() == fair.DEFAULT_THREADS == 1
+        rates = {1: 100.0, 2: 105.0}  # two threads barely faster than one: the cores are not free
+        monkeypatch.setattr(fair, "_matmul_rate", lambda threads, seconds=0.4: rates[threads])
+        warning = fair.apply_threads(2)
+        assert warning.startswith("WARNING: 2 torch threads ran a matmul only 1.05x") and torch.get_num_threads() == 2
+        rates[2] = 190.0
+        assert fair.oversubscription_warning(2) is None
+    finally:
+        torch.set_num_threads(before)
+    for tool in ("bench_overhead", "bench_export", "bench_preference", "bench_generate", "bench_rl", "bench_memory",
+                 "bench_sft"):  # every benchmark with two sides defaults to one thread for both
+        text = (TOOLS / f"{tool}.py").read_text()
+        assert '"--threads", type=int, default=1' in text, tool

@@ -142,13 +142,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny test models on a few images (smoke test)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads, the same for every runtime "
+                        "(default 1: like for like on a small or shared machine; more: a probe checks the free cores first)")
     args = parser.parse_args(argv)
     import timm
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    results = {"threads": args.threads, "torch": torch.__version__, "models": {}}
+    sys.path.insert(0, str(TOOLS))
+    from fair_threads import apply_threads
+
+    warning = apply_threads(args.threads)
+    results = {"threads": args.threads, "torch": torch.__version__, "models": {}, "thread_warning": warning}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.quick:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fair_threads import HELP as THREADS_HELP, apply_threads  # noqa: E402  (tools/ is a folder of scripts)
 
 PROMPTS = ["Say apple 5 times.", "Say kiwi 8 times.", "Name a fruit.", "Say red 3 times.", "Count to ten.",
            "Say dog 13 times.", "What color is a lemon?", "Say fig 21 times."]
@@ -37,13 +38,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--quick", action="store_true", help="2 prompts x 8 tokens, one repeat")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens, args.repeats = 2, 8, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     from bench_sft import tiny_model

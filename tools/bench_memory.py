@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each side (see tools/fair_threads.py)")
     parser.add_argument("--packing", action="store_true", help="pack rows on both sides")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--worker", choices=["mmtune", "trl"], default=None, help=argparse.SUPPRESS)
@@ -77,6 +77,12 @@ def main() -> None:
     if args.worker:
         args.side = args.worker
         return worker(args)
+    sys.path.insert(0, str(HERE))
+    from fair_threads import oversubscription_warning
+
+    warning = oversubscription_warning(args.threads)
+    if warning:
+        print(warning, flush=True)
     bench = _bench_sft()
     root = Path(tempfile.mkdtemp())
     model = str(bench.tiny_model(root, vocab_size=args.vocab_size, layers=2, name="vocab_llama"))

@@ -49,6 +49,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fair_threads import HELP as THREADS_HELP, oversubscription_warning  # noqa: E402  (tools/ is a folder of scripts)
+
 RESULT_MARK = "BENCH_RESULT "
 DEFAULT_MODELS = ("timm:vit_tiny_patch16_224", "timm:resnet18")
 TARGET_RATIO = 0.95
@@ -439,7 +442,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both runners)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (both runners)")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -475,6 +478,8 @@ def main(argv=None) -> int:
     versions = (f"torch {torch.__version__}, timm {version('timm')}, lightning {version('lightning')}, "
                 f"peft {version('peft')}")
     load_start = os.getloadavg()
+    if device == "cpu" and (warning := oversubscription_warning(args.threads)):
+        print(warning, flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mmtune-bench-") as tmp:
         manifest = args.data or str(make_data(Path(tmp), args.per_class, args.image_size, args.seed))

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_sft import WORDS, tiny_model  # noqa: E402  (tools/ is a folder of scripts)
+from fair_threads import HELP as THREADS_HELP, apply_threads  # noqa: E402
 
 LOSSES = ("dpo", "kto", "orpo", "simpo")
 
@@ -154,14 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads, the same for both sides")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--quick", action="store_true", help="a few steps of every loss (smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.max_length = 3, 4, 64
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     model_dir = args.model or str(tiny_model(Path(tempfile.mkdtemp())))
     pairs = pair_rows(max(64, args.steps * args.batch_size), 0)
     results = {}

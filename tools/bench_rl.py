@@ -30,9 +30,13 @@ import statistics
 import tempfile
 import time
 import warnings
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fair_threads import HELP as THREADS_HELP, apply_threads  # noqa: E402  (tools/ is a folder of scripts)
 
 WORDS = ("apple banana cherry grape lemon mango olive peach pear plum kiwi lime melon berry fig date red green "
          "blue black white cat dog bird fish horse").split()
@@ -243,7 +247,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one run per seed (prompt order, LoRA initialization, sampling); means over them")
     parser.add_argument("--quick", action="store_true", help="3 steps, 2 prompts x 4 completions, 4 new tokens: a smoke run")
@@ -251,7 +255,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.group, args.max_new_tokens, args.prompts, args.seeds = 3, 4, 4, 2, args.seeds[:1]
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))  # `bench_rl:a_share` for mmtune's reward spec

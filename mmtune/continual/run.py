@@ -120,7 +120,8 @@ def run_continual(config: dict, spec: ContinualSpec, run_dir: Path) -> dict:
     for k, stage in enumerate(spec.stages):
         name = stage.name or f"stage_{k}"
         out = run_dir / name
-        header, rows = stage_rows(Path(stage.path), ratios, int(init.get("seed", 42)), init.get("group_column"))
+        header, rows = stage_rows(Path(stage.path), ratios, int(init.get("seed", 42)), init.get("group_column"), label,
+                                  init.get("label_separator", "|"), bool(init.get("stratify", True)))
         check_leakage(name, rows, earlier_tests)
         replay = draw_replay(train_pool, spec.replay.count, spec.replay.share, spec.replay.seed + k) if k else []
         train_rows = [r for r in rows if r["split"] in ("train", "val")] + replay

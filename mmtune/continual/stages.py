@@ -11,19 +11,16 @@ from typing import Optional
 
 import numpy as np
 
-from mmtune.data.splits import assign_splits
+from mmtune.data.splits import add_split_column
 from mmtune.errors import DataError
 from mmtune.federated.partition import read_rows
 
 
-def stage_rows(manifest: Path, split_ratios, seed: int, group_column: Optional[str]) -> tuple[list[str], list[dict]]:
+def stage_rows(manifest: Path, split_ratios, seed: int, group_column: Optional[str], label_column: str = "label",
+               label_separator: str = "|", stratify: bool = True) -> tuple[list[str], list[dict]]:
     """The stage manifest's rows with absolute paths and a fixed `split` column (the data module's rule)."""
     header, rows = read_rows(manifest)
-    if "split" not in header:
-        groups = [r.get(group_column) for r in rows] if group_column else None
-        for row, name in zip(rows, assign_splits(len(rows), split_ratios, seed, groups)):
-            row["split"] = name
-        header = [*header, "split"]
+    header = add_split_column(header, rows, split_ratios, seed, group_column, label_column, label_separator, stratify)
     for row in rows:
         if not Path(row["path"]).is_absolute():
             row["path"] = str((manifest.parent / row["path"]).resolve())

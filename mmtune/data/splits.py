@@ -111,3 +111,22 @@ def place_in_splits(rows: list, extra: dict[str, list], ratios: Sequence[float],
         for r, name in zip(rows, assign_splits(len(rows), shares, seed, groups)):
             r.split = name
     return [r for r in rows if r.split not in extra] + [r for more in extra.values() for r in more]
+
+
+def add_split_column(header: list[str], rows: list[dict], ratios: Sequence[float], seed: int,
+                     group_column: Optional[str] = None, label_column: Optional[str] = "label",
+                     label_separator: str = "|", stratify: bool = True) -> list[str]:
+    """Gives manifest rows (dicts) a fixed `split` column by the classification data module's own rule
+    (whole groups; stratified by label unless `stratify` is off), unless they already name one, and
+    returns the header. Used where rows must be split before a data module sees them (federated sites,
+    continual stages), so that the split they fix is the one the data module would have made."""
+    if "split" in header:
+        return header
+    groups = [r.get(group_column) for r in rows] if group_column else None
+    labels = None
+    if stratify and label_column and rows and label_column in rows[0]:
+        labels = [tuple(p.strip() for p in str(r.get(label_column) or "").split(label_separator) if p.strip())
+                  for r in rows]
+    for row, name in zip(rows, assign_splits(len(rows), ratios, seed, groups, labels)):
+        row["split"] = name
+    return [*header, "split"]

@@ -209,19 +209,26 @@ class VisionTextData(L.LightningDataModule):
             kept = []
             for s in samples:
                 try:
-                    kept.append(encoding.prepare(s))
+                    kept.append(self._prepare(encoding, s))
                 except DataError as err:
                     self._skip(s.id, err)
             self.prepared[name] = kept
 
+    # What one sample becomes, and the dataset of a split: the seams a subclass changes (preference
+    # pairs prepare both conversations and pair them up).
+    dataset_class = VisualDataset
+
+    def _prepare(self, encoding, sample):
+        return encoding.prepare(sample)
+
     # ---- loaders -----------------------------------------------------------------------------------------
-    def _dataset(self, split: str) -> VisualDataset:
+    def _dataset(self, split: str) -> Dataset:
         if self.encoding is None:
             raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
         items = self.prepared.get(split) or []
         if not items:
             raise DataError(f"the {split} split is empty (source: {self.path}); add data or adjust data.split")
-        return VisualDataset(items)
+        return self.dataset_class(items)
 
     def _loader(self, split: str, batch_size: int, with_prompts: bool, **kwargs) -> DataLoader:
         loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader  # training: resumes mid-epoch

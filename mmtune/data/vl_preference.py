@@ -115,29 +115,11 @@ class VisionPreferenceData(VisionTextData):
                            DataError(message))
         return out
 
-    def connect(self, encoding) -> None:
-        """Prepares both conversations of every pair with the model's encoding (a pair with a bad
-        half is an error naming it, or a counted skip)."""
-        if self.encoding is encoding and self.prepared:
-            return
-        self.encoding = encoding
-        self.prepared = {}
-        for name, samples in self.samples.items():
-            kept = []
-            for s in samples:
-                try:
-                    kept.append((encoding.prepare(s), encoding.prepare(s.rejected_conversation())))
-                except DataError as err:
-                    self._skip(s.id, err)
-            self.prepared[name] = kept
+    dataset_class = PairDataset
 
-    def _dataset(self, split: str) -> PairDataset:
-        if self.encoding is None:
-            raise RuntimeError("connect() the data module to a task before asking for data (Trainer does this in setup)")
-        items = self.prepared.get(split) or []
-        if not items:
-            raise DataError(f"the {split} split is empty (source: {self.path}); add data or adjust data.split")
-        return PairDataset(items)
+    def _prepare(self, encoding, sample):
+        """Both conversations of a pair (a pair with a bad half is an error naming it, or a counted skip)."""
+        return encoding.prepare(sample), encoding.prepare(sample.rejected_conversation())
 
     def _loader(self, split: str, batch_size: int, with_prompts: bool, **kwargs):
         loader = ResumableLoader if isinstance(kwargs.get("sampler"), EpochSampler) else DataLoader

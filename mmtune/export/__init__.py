@@ -4,7 +4,9 @@ optionally int8, with the preprocessing sidecar (`preprocessing.json`) and a ver
 
 One module per job: `source` (checkpoint + run directory + data), `preprocessing` (the sidecar and a
 PIL/numpy preprocessor), `native`, `onnx_format`, `executorch_format`, `quantize`, `runtime` (runs an
-exported file), `verify`, `pipeline` (what `mmtune export` calls) and `predict` (`mmtune predict --model`).
+exported file), `verify`, `pipeline` (what `mmtune export` calls), `towers` and `tower_export` (image-text and
+text-embedding models: one ONNX file per tower, verified on validation pairs with Recall@1) and
+`predict` (`mmtune predict --model`).
 """
 
 FORMATS = ("safetensors", "onnx", "executorch")

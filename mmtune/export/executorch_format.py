@@ -17,9 +17,13 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=1024)
 
 
-def export_pte(module: nn.Module, example: torch.Tensor, path: Path,
-               calibration: Optional[Iterable[torch.Tensor]] = None) -> Path:
+def export_pte(module: nn.Module, example, path: Path,
+               calibration: Optional[Iterable[torch.Tensor]] = None, dynamic_shapes=None) -> Path:
     """Writes `module` as an ExecuTorch program lowered to XNNPACK; with `calibration` batches, int8.
+
+    Args:
+        example: one example tensor, or a tuple of them (an embedding tower's inputs).
+        dynamic_shapes: torch.export's dynamic shapes per input (default: the batch of the one input).
 
     Raises:
         ExportError: torch.export or the lowering refused the model.
@@ -27,14 +31,15 @@ def export_pte(module: nn.Module, example: torch.Tensor, path: Path,
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    shapes = ({0: _batch_dim()},)
+    example = example if isinstance(example, tuple) else (example,)
+    shapes = dynamic_shapes if dynamic_shapes is not None else ({0: _batch_dim()},)
     try:
-        program = torch.export.export(module, (example,), dynamic_shapes=shapes)
+        program = torch.export.export(module, example, dynamic_shapes=shapes)
         if calibration is not None:
-            program = torch.export.export(_quantized(program.module(), calibration), (example,), dynamic_shapes=shapes)
+            program = torch.export.export(_quantized(program.module(), calibration), example, dynamic_shapes=shapes)
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     except Exception as err:  # noqa: BLE001 - every exporter failure becomes one clear error
-        raise refused_operator_error("executorch", module, (example,), err) from err
+        raise refused_operator_error("executorch", module, example, err) from err
     path.write_bytes(lowered.buffer)
     return path
 

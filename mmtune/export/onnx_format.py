@@ -1,5 +1,6 @@
 """ONNX export through torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`), batch dimension
-dynamic, one input `pixels` and one output `logits`."""
+dynamic; a classifier has one input `pixels` and one output `logits`, an embedding tower
+(`mmtune.export.towers`) names its own inputs and dynamic dimensions."""
 
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ from mmtune.export.graph import refused_operator_error
 INPUT, OUTPUT = "pixels", "logits"
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+def export_onnx(module: nn.Module, example, path: Path, input_names=(INPUT,), output_names=(OUTPUT,),
+                dynamic_shapes=None) -> Path:
     """Writes `module` as a single ONNX file (weights inside) with a dynamic batch size.
+
+    Args:
+        example: one example tensor, or a tuple of them (one per input name).
+        dynamic_shapes: torch.export's dynamic shapes per input (default: the first dimension of the one input).
 
     Raises:
         ExportError: the exporter refused the model (its message, and the module holding the operator).
     """
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = example if isinstance(example, tuple) else (example,)
+    if dynamic_shapes is None:
+        dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-            torch.onnx.export(module, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+            torch.onnx.export(module, example, str(path), input_names=list(input_names),
+                              output_names=list(output_names), dynamic_shapes=tuple(dynamic_shapes), dynamo=True,
+                              external_data=False, verbose=False)
     except Exception as err:  # noqa: BLE001 - every exporter failure becomes one clear error
-        raise refused_operator_error("onnx", module, (example,), err) from err
+        raise refused_operator_error("onnx", module, example, err) from err
     return path

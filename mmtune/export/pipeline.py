@@ -19,8 +19,10 @@ from mmtune.export import FORMATS, REPORT
 from mmtune.export import verify as checks
 from mmtune.export.preprocessing import build_sidecar, training_preprocessing, write_sidecar
 
-# task kind -> the formats its models can go to (an image classifier is one graph: pixels -> logits)
-CAN_GO = {"image_classification": ("safetensors", "onnx", "executorch")}
+# task kind -> the formats its models can go to (an image classifier is one graph: pixels -> logits; an
+# image-text or text-embedding model is one ONNX file per tower, `mmtune.export.tower_export`)
+CAN_GO = {"image_classification": ("safetensors", "onnx", "executorch"),
+          "image_text_alignment": ("safetensors", "onnx", "executorch")}
 FILE_NAMES = {"onnx": "model.onnx", "executorch": "model.pte"}
 
 
@@ -34,6 +36,7 @@ class ExportOptions:
     image_size: Optional[int] = None
     tolerance: float = checks.FP32_TOLERANCE
     min_agreement: float = checks.INT8_MIN_AGREEMENT
+    min_cosine: float = checks.INT8_MIN_COSINE
     max_images: int = 256
     trust_remote_code: bool = False
 
@@ -80,12 +83,23 @@ def run_export(ckpt_path: str, out: Path, opts: ExportOptions) -> dict:
         if opts.format == "safetensors":
             export_native(task, staging, prep)
             write_model_card(staging, source.run_dir, out.name)
+        elif source.kind == "image_text_alignment":
+            _export_towers(source, staging, opts, quantize, report)
         else:
             report.update(_export_graph(source, prep, staging / FILE_NAMES[opts.format], opts, quantize))
         if prep is not None:
             write_sidecar(staging, _sidecar(task, source.kind, prep, opts.format))
         (staging / REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _export_towers(source, staging: Path, opts: ExportOptions, quantize: Optional[str], report: dict) -> None:
+    from mmtune.export.tower_export import export_towers
+    from mmtune.export.towers import tower_sidecar, write_tokenizer
+
+    report.update(export_towers(source, staging, opts, quantize))
+    write_tokenizer(source.task, staging)
+    write_sidecar(staging, tower_sidecar(source.task, report["files"], quantize))
 
 
 def _preprocessing(source) -> Optional[dict]:

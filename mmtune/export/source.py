@@ -54,7 +54,8 @@ def _fit_config(run_dir: Optional[Path]) -> dict:
 
 def load_source(ckpt_path: str, trust_remote_code: bool = False, data_path: Optional[str] = None,
                 image_size: Optional[int] = None) -> ExportSource:
-    """Loads the checkpoint's task and, for image classifiers, the data module of its run.
+    """Loads the checkpoint's task and, for image classifiers and image-text / text-embedding models,
+    the data module of its run.
 
     Args:
         ckpt_path: an mmtune checkpoint.
@@ -79,7 +80,39 @@ def load_source(ckpt_path: str, trust_remote_code: bool = False, data_path: Opti
         source.data_args.update(path=data_path, val_path=None, test_path=None)
     if kind == "image_classification":
         source.data = _classification_data(task, source)
+    elif kind == "image_text_alignment":
+        source.data = _pair_data(task, source, ((config.get("data") or {}).get("class_path")))
     return source
+
+
+def _pair_data(task, source: ExportSource, class_path: Optional[str]):
+    """The run's pair data module (ImageTextPairData or QueryDocData, from its config or, with only
+    --data, the one the model's family reads) set up and connected to the task's preprocessing."""
+    import inspect
+
+    import mmtune
+    from mmtune.data.pairs import ImageTextPairData
+    from mmtune.data.text_pairs import QueryDocData
+    from mmtune.errors import DataError
+
+    if not source.data_args.get("path"):
+        source.notes.append("no training data known (pass --data): verification runs on random inputs")
+        return None
+    name = (class_path or "").rsplit(".", 1)[-1]
+    default = QueryDocData if task.family_name == "sentence_transformers" else ImageTextPairData
+    cls = getattr(mmtune, name, None) if name else default
+    if cls not in (ImageTextPairData, QueryDocData):
+        cls = default
+    names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    args = {k: v for k, v in source.data_args.items() if k in names}
+    args["num_workers"] = 0
+    try:
+        dm = cls(**args)
+        dm.setup("fit")
+    except DataError as err:
+        raise ExportError(f"cannot read the data to verify the export on ({args.get('path')}): {err}") from None
+    dm.connect(task.preprocess)
+    return dm
 
 
 def _classification_data(task, source: ExportSource):

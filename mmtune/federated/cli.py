@@ -44,7 +44,8 @@ def simulate(config_path: str, federated_path: Optional[str], sites: int, partit
     pooled, manifests = split_into_sites(
         Path(init["path"]), run_dir / "data", sites, partition_by or sim.partition_by,
         tuple(init.get("split") or (0.7, 0.15, 0.15)), int(init.get("seed", 42)), sim.alpha, sim.seed,
-        init.get("group_column"), init.get("label_column", "label"))
+        init.get("group_column"), init.get("label_column", "label"), init.get("label_separator", "|"),
+        bool(init.get("stratify", True)))
     task_config = dict(config)
     task_config["data"] = {**config["data"], "init_args": {**init, "path": str(pooled)}}
     task_yaml = run_dir / "task.yaml"  # what every site and the server build: the task config, pooled data

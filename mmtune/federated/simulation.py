@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from mmtune.data.splits import assign_splits
+from mmtune.data.splits import add_split_column
 from mmtune.errors import ConfigError
 from mmtune.federated.partition import read_rows, write_site_manifests
 
@@ -80,15 +80,12 @@ class InProcessGrid(Grid):
 
 def split_into_sites(manifest: Path, out_dir: Path, sites: int, partition_by: str, split_ratios, seed: int,
                      alpha: float, partition_seed: int, group_column: Optional[str] = None,
-                     label_column: str = "label") -> tuple[Path, list[Path]]:
+                     label_column: str = "label", label_separator: str = "|",
+                     stratify: bool = True) -> tuple[Path, list[Path]]:
     """`pooled.csv` (the manifest with a fixed train/val/test column, so the server's test split is
     every site's test rows and a centralised run on it sees the same split) and one manifest per site."""
     header, rows = read_rows(manifest)
-    if "split" not in header:
-        groups = [r.get(group_column) for r in rows] if group_column else None
-        for row, name in zip(rows, assign_splits(len(rows), split_ratios, seed, groups)):
-            row["split"] = name
-        header = [*header, "split"]
+    header = add_split_column(header, rows, split_ratios, seed, group_column, label_column, label_separator, stratify)
     for row in rows:
         if not Path(row["path"]).is_absolute():
             row["path"] = str((manifest.parent / row["path"]).resolve())

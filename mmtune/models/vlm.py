@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
+from mmtune.data.text_tokens import IGNORE
 from mmtune.errors import ModelError
 from mmtune.models.hf import _dtype, _offline_error, quantization_config, refusing_custom_code, remote_code, resolve_hf_ref
 from mmtune.specs import ModelSpec
@@ -169,3 +171,14 @@ def takes_prompt_learning(model: nn.Module) -> bool:
     """Whether peft's prefix and prompt tuning apply to this VLM's language model: decoder-only
     families whose positions do not depend on the input ids (checked on tiny LLaVA and Idefics3)."""
     return not is_encoder_decoder(model) and getattr(model.config, "model_type", None) not in POSITIONS_FROM_IDS
+
+
+def decoder_inputs_from_labels(labels: torch.Tensor, config) -> torch.Tensor:
+    """An encoder-decoder's decoder inputs for its labels (labels shifted right after the start token), for
+    models without `prepare_decoder_input_ids_from_labels`."""
+    start = config.decoder_start_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    shifted = labels.new_full(labels.shape, pad)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted.masked_fill(shifted == IGNORE, pad)

@@ -12,6 +12,19 @@ from mmtune.models.reward_model import load_reward_model, sequence_scores
 from mmtune.specs import ModelSpec
 
 
+def text_turns(turns: Sequence[dict]) -> list[dict]:
+    """Turns with plain-text content: a VLM prompt's structured content (`[{"type": "image"}, {"type":
+    "text", ...}]`) keeps its text parts, since a text reward model scores the question and the answer
+    and cannot see the image (a template would otherwise render the list itself)."""
+    out = []
+    for turn in turns:
+        content = turn.get("content")
+        if isinstance(content, (list, tuple)):
+            content = " ".join(part["text"] for part in content if isinstance(part, dict) and part.get("type") == "text")
+        out.append({**turn, "content": content})
+    return out
+
+
 class RewardModelScorer:
     """Scores (prompt turns, completion) with a reward model folder, in batches, without gradients.
 
@@ -39,7 +52,7 @@ class RewardModelScorer:
         self.batch_size, self.max_length = batch_size, max_length
 
     def text(self, prompt: Sequence[dict], completion: str) -> str:
-        turns = list(prompt) + [{"role": "assistant", "content": completion}]
+        turns = text_turns(prompt) + [{"role": "assistant", "content": completion}]
         return self.tokenizer.apply_chat_template(turns, tokenize=False)
 
     @torch.no_grad()

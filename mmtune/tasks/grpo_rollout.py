@@ -31,6 +31,8 @@ class Rollout:
         advantages: `[N]`.
         old_logps: `[N, L]` of the generating policy (only with `num_iterations > 1`).
         ref_logps: `[N, L]` of the reference (only with `beta > 0`).
+        model_inputs: the other inputs of the forward pass, one row per completion (a VLM's pixel
+            values, image grids, ...; `[N, P]` token-type rows already extended over the completion).
     """
 
     input_ids: torch.Tensor
@@ -44,6 +46,7 @@ class Rollout:
     advantages: torch.Tensor = None
     old_logps: Optional[torch.Tensor] = None
     ref_logps: Optional[torch.Tensor] = None
+    model_inputs: dict = field(default_factory=dict)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -56,7 +59,49 @@ class Rollout:
         for name in ("old_logps", "ref_logps"):
             value = getattr(self, name)
             out[name] = value[index] if value is not None else None
+        out["model_inputs"] = rows_of(self.model_inputs, index, len(self.input_ids))
         return out
+
+
+def rows_of(inputs: dict, index: slice, rows: int) -> dict:
+    """The rows `index` of model inputs whose tensors have one row per completion. Inputs packed across
+    rows (Qwen2-VL's pixel patches of every image in one tensor) cannot be cut by row: an error for a
+    part of the batch, the whole batch as is."""
+    if index == slice(None) or not inputs:
+        return inputs
+    out = {}
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.dim() and value.shape[0] != rows:
+            raise ConfigError(f"grpo.micro_batch_size: the model input {key!r} packs all rows into one tensor "
+                              f"(shape {tuple(value.shape)} for {rows} completions) and cannot be cut by row; "
+                              "set grpo.micro_batch_size: 0 for this model")
+        out[key] = value[index] if torch.is_tensor(value) and value.dim() else value
+    return out
+
+
+def over_completions(inputs: dict, rows: int, prompt_len: int, total_len: int) -> dict:
+    """Model inputs of the prompts extended to prompt + completion: per-token rows `[N, P]` (Qwen2-VL's
+    `mm_token_type_ids`) get zeros (text) over the completion, as `generate` extends them."""
+    out = {}
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.dim() == 2 and tuple(value.shape) == (rows, prompt_len):
+            value = torch.cat([value, value.new_zeros(rows, total_len - prompt_len)], dim=1)
+        out[key] = value
+    return out
+
+
+def build_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                  stop_ids: Sequence[int], tokenizer, model_inputs: Optional[dict] = None) -> Rollout:
+    """A rollout (without rewards yet) from left-padded prompts `[N, P]`, one row per completion, and
+    the generated tokens `[N, L]`: the completion mask ends at the first stop token, the texts are
+    decoded from the masked tokens only."""
+    mask, truncated = completion_mask(completions, stop_ids)
+    attention = torch.cat([prompt_mask.to(completions.device), mask.long()], dim=1)
+    pad = tokenizer.pad_token_id
+    texts = tokenizer.batch_decode(completions * mask.long() + pad * (1 - mask.long()), skip_special_tokens=True)
+    ids = torch.cat([prompt_ids.to(completions.device), completions], dim=1)
+    extra = over_completions(model_inputs or {}, len(ids), prompt_ids.shape[1], ids.shape[1])
+    return Rollout(ids, attention, prompt_ids.shape[1], mask, texts, truncated, model_inputs=extra)
 
 
 def completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,24 +122,48 @@ def sample_group(net: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     `generate` (sampling, eval mode, KV cache)."""
     ids = prompt_ids.repeat_interleave(group_size, dim=0)
     mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    return generate_completions(net, {"input_ids": ids, "attention_mask": mask}, max_new_tokens, stop_ids, pad_id,
+                                temperature, top_p, top_k, do_sample)
+
+
+@torch.no_grad()
+def generate_completions(net: torch.nn.Module, inputs: dict, max_new_tokens: int, stop_ids: Sequence[int],
+                         pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                         do_sample: bool = True, suppress_ids: Sequence[int] = ()) -> torch.Tensor:
+    """`[N, P + L]` ids: the model inputs (one row per completion: `input_ids`, `attention_mask` and
+    whatever else the model reads, e.g. a VLM's pixel values) continued by `generate` (eval mode, KV cache).
+
+    `suppress_ids` are never generated: a VLM's image placeholder token in a completion would make the
+    next forward pass look for image features that do not exist."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {"do_sample": False}
+    if suppress_ids:
+        sampling["suppress_tokens"] = sorted(suppress_ids)
     was_training = net.training
     net.eval()
     try:
-        return net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                            eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True, **sampling)
+        return net.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
+                            use_cache=True, **sampling)
     finally:
         net.train(was_training)
 
 
 def completion_logps(net: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """`[N, L]` log-probabilities of the completion tokens. Positions count attended tokens only, as
-    in generation with left padding; only the logits that predict completion tokens are computed."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                     temperature: float = 1.0, model_inputs: Optional[dict] = None,
+                     positions: bool = True) -> torch.Tensor:
+    """`[N, L]` log-probabilities of the completion tokens; only the logits that predict completion
+    tokens are computed.
+
+    Args:
+        model_inputs: the forward's other inputs, one row per completion (a VLM's pixel values, ...).
+        positions: pass positions that count attended tokens only, as generation does with left
+            padding; False for models that derive their own (Qwen2-VL's multimodal rotary positions).
+    """
+    extra = dict(model_inputs or {})
+    if positions:
+        extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     keep = input_ids.shape[1] - prompt_len + 1
-    logits = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
-                 logits_to_keep=keep).logits[:, :-1]
+    logits = net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep,
+                 **extra).logits[:, :-1]
     return token_logps(logits, input_ids[:, prompt_len:], temperature)
 
 

@@ -3,7 +3,6 @@ pairwise (Bradley-Terry) loss, `-log sigmoid(r_chosen - r_rejected)`; exported f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -13,11 +12,10 @@ import torch.nn.functional as F
 from mmtune.adapters import AdapterReport, apply_adapter, merged_copy, part_lookup
 from mmtune.errors import ConfigError
 from mmtune.metrics.records import SampleRecord
-from mmtune.models.hf import resolve_hf_ref, save_pretrained_safetensors
 from mmtune.models.reward_model import load_reward_model, sequence_scores
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec
 from mmtune.tasks import common
-from mmtune.tasks.sft import CausalLMTask, GenerationSpec
+from mmtune.tasks.sft import CausalLMTask, GenerationSpec, save_merged_lm
 
 PARTS_DOC = {"language": "the transformer blocks and norms", "embeddings": "input token embeddings",
              "head": "the reward head (score)"}
@@ -163,12 +161,4 @@ class RewardModelTask(CausalLMTask):
         template, as safetensors."""
         out = Path(out_dir)
         merged = merged_copy(self.net, False, lambda: self._adapt(self._load(quantize=False))[0])
-        if resolve_hf_ref(self.model_spec).gguf_file:
-            merged.hf_quantizer = None
-            merged.config.__dict__.pop("quantization_config", None)
-        merged.config.use_cache = True
-        save_pretrained_safetensors(merged.eval(), out)
-        self.tokenizer.save_pretrained(out)
-        (out / "mmtune.json").write_text(json.dumps({"task": "reward_model", "source_model": self.model_spec.name},
-                                                    indent=2))
-        return out
+        return save_merged_lm(merged, self.tokenizer, self.model_spec, out, "reward_model")

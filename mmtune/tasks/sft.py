@@ -351,14 +351,18 @@ class CausalLMTask(common.RunHooks, L.LightningModule):
                                    self.tokenizer, "AutoModelForCausalLM", "AutoTokenizer")
         merged = merged_copy(self.net, self.model_spec.quantization != "none",
                              lambda: self._adapt(load_causal_lm(self.model_spec, quantize=False))[0])
-        if resolve_hf_ref(self.model_spec).gguf_file:
-            # transformers dequantized the GGUF weights on load but still marks the model as GGUF-quantized,
-            # which save_pretrained refuses; the tensors are plain floats, so drop the marker.
-            merged.hf_quantizer = None
-            merged.config.__dict__.pop("quantization_config", None)
-        merged.config.use_cache = True
-        save_pretrained_safetensors(merged.eval(), out)
-        self.tokenizer.save_pretrained(out)
-        (out / "mmtune.json").write_text(json.dumps({"task": "causal_lm", "source_model": self.model_spec.name},
-                                                    indent=2))
-        return out
+        return save_merged_lm(merged, self.tokenizer, self.model_spec, out, "causal_lm")
+
+
+def save_merged_lm(merged: torch.nn.Module, tokenizer, model_spec: ModelSpec, out: Path, task: str) -> Path:
+    """Writes a merged transformers model with its tokenizer and an `mmtune.json` naming the task."""
+    if resolve_hf_ref(model_spec).gguf_file:
+        # transformers dequantized the GGUF weights on load but still marks the model as GGUF-quantized,
+        # which save_pretrained refuses; the tensors are plain floats, so drop the marker.
+        merged.hf_quantizer = None
+        merged.config.__dict__.pop("quantization_config", None)
+    merged.config.use_cache = True
+    save_pretrained_safetensors(merged.eval(), out)
+    tokenizer.save_pretrained(out)
+    (out / "mmtune.json").write_text(json.dumps({"task": task, "source_model": model_spec.name}, indent=2))
+    return out

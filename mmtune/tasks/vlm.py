@@ -14,21 +14,19 @@ from mmtune.adapters import (AdapterReport, apply_adapter, check_quantized_train
                              optimizer_parameters, part_lookup)
 from mmtune.adapters.unmerged import export_unmerged
 from mmtune.data.samplers import stratified_sample
-from mmtune.data.text_tokens import IGNORE
 from mmtune.data.vl_encoding import build_encoding
-from mmtune.files import atomic_write
 from mmtune.losses.chunked import linear_token_loss, linear_token_loss_per_row
 from mmtune.losses.tokens import global_token_mean, token_loss, token_loss_per_row
 from mmtune.metrics.records import SampleRecord
-from mmtune.metrics.text import text_metrics, vqa_accuracy
 from mmtune.models.hf import remote_code, resolve_hf_ref, save_pretrained_safetensors, vocabulary_fingerprint
 from mmtune.models.generation import generation_mode
 from mmtune.models.lm_head import hidden_states, split_head
-from mmtune.models.vlm import (PARTS_DOC, image_token_ids, is_encoder_decoder, load_processor, load_vlm,
-                               takes_prompt_learning, vlm_parts)
+from mmtune.models.vlm import (PARTS_DOC, decoder_inputs_from_labels, image_token_ids, is_encoder_decoder,
+                               load_processor, load_vlm, takes_prompt_learning, vlm_parts)
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec, as_spec, spec_to_dict
 from mmtune.tasks import common
 from mmtune.tasks.vlm_decoding import DecodingSpec, answer_start
+from mmtune.tasks.vlm_records import generation_metrics, sample_records, write_predictions
 
 __all__ = ["DecodingSpec", "VisionLanguageTask"]
 
@@ -163,7 +161,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         if is_encoder_decoder(raw):
             labels = batch["labels"]
             decoder_input_ids = raw.prepare_decoder_input_ids_from_labels(labels) if hasattr(
-                raw, "prepare_decoder_input_ids_from_labels") else _shift_right(labels, raw.config)
+                raw, "prepare_decoder_input_ids_from_labels") else decoder_inputs_from_labels(labels, raw.config)
             return self.net(**inputs, decoder_input_ids=decoder_input_ids, use_cache=False).logits, False
         # Prompt tuning puts its virtual tokens in front of the outputs: keep the real tokens' positions.
         return self.net(**inputs, use_cache=False).logits[:, -batch["labels"].shape[1]:], True
@@ -293,13 +291,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         """One record per sample this process scored: the generated text (None where it did not
         generate), the reference, the summed token loss and token count, and the sample's metadata
         (accepted answers and answer type for VQA, images, group, the row's other columns)."""
-        records = []
-        for sid, entry in self._seen.items():
-            s = entry["sample"]
-            meta = {**s.meta, "answers": list(s.answers), "answer_type": s.answer_type, "images": list(s.images),
-                    **({"group": s.group} if s.group is not None else {})}
-            records.append(SampleRecord(id=sid, target=s.reference, prediction=entry.get("prediction"),
-                                        stats=dict(entry.get("stats") or {}), meta=meta))
+        records = sample_records(self._seen)
         self._seen = {}
         return records
 
@@ -344,12 +336,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
         rows = [r for r in records if r.prediction is not None]
         if not rows:
             return
-        metrics = text_metrics([r.prediction for r in rows], [r.target for r in rows])
-        if vqa:
-            types = [r.meta["answer_type"] for r in rows]
-            metrics.update(vqa_accuracy([r.prediction for r in rows], [r.meta["answers"] or [r.target] for r in rows],
-                                        types if any(types) else None))
-        for name, value in metrics.items():
+        for name, value in generation_metrics(rows, vqa).items():
             self.log(f"{stage}/{name}", value, sync_dist=False)
         self._write_predictions(stage, rows)
 
@@ -361,11 +348,7 @@ class VisionLanguageTask(common.RunHooks, L.LightningModule):
             target = (out or Path(".")) / "predictions" / f"val_step_{self.trainer.global_step}.jsonl"
         else:
             target = Path(self.hparams.predictions_file or (out or Path(".")) / "predictions.jsonl")
-        with atomic_write(target) as f:
-            for r in rows:
-                answer_type = r.meta.get("answer_type")
-                f.write(json.dumps({"id": r.id, "reference": r.target, "prediction": r.prediction,
-                                    **({"answer_type": answer_type} if answer_type else {})}) + "\n")
+        write_predictions(target, rows)
         if stage != "val":
             rank_zero_info(f"[mmtune] wrote {len(rows)} predictions to {target}")
 
@@ -414,11 +397,3 @@ class _Stub:
     def __init__(self, config) -> None:
         self.config = config
 
-
-def _shift_right(labels: torch.Tensor, config) -> torch.Tensor:
-    start = config.decoder_start_token_id
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    shifted = labels.new_full(labels.shape, pad)
-    shifted[:, 1:] = labels[:, :-1]
-    shifted[:, 0] = start
-    return shifted.masked_fill(shifted == IGNORE, pad)

@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -29,20 +30,24 @@ class NanPixelsAt(Callback):
 
 
 class NanOutputAt(Callback):
-    """Makes the task's forward output NaN during the batch of one global step (any task)."""
+    """Makes the task's activations NaN during the batch of one global step (any task, whichever path its
+    loss takes: the full logits of `forward`, or the hidden states a chunked LM loss projects itself)."""
 
     def __init__(self, step: int, record: str = "") -> None:
-        self.step, self.record, self._hook = step, record, None
+        self.step, self.record, self._hooks = step, record, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            self._hook = pl_module.register_forward_hook(lambda module, args, out: out * float("nan"))
+            def poison(module, args, out):
+                return out * float("nan") if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+            self._hooks = [m.register_forward_hook(poison) for m in pl_module.modules()]
             _record(self.record, trainer, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 class SigtermAt(Callback):
