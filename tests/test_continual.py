@@ -108,3 +108,19 @@ def test_lwf_adds_the_gradient_of_the_distillation_term():
     loss.backward()
     torch.testing.assert_close(student.weight.grad, by_hand.weight.grad)
     assert student.weight.grad[2].abs().sum() == 0  # new classes are not distilled
+
+
+def test_the_report_shows_the_accuracy_matrix_forgetting_and_backward_transfer(tmp_path):
+    from mmtune.continual.run import forgetting_summary
+    from mmtune.evaluation.report import build_report
+
+    matrix = [[0.9, None], [0.6, 0.8]]
+    summary = forgetting_summary([[v for v in r if v is not None] for r in matrix])
+    (tmp_path / "metrics.json").write_text(json.dumps({"continual": {"stages": ["plant_a", "plant_b"],
+                                                                     "accuracy_matrix": matrix, **summary}}))
+    html = build_report(tmp_path).html
+    section = html[html.index('id="continual"'):]
+    section = section[:section.index("</section>")]
+    assert "after plant_b" in section and "plant_a test" in section
+    assert ">0.600<" in section and ">0.800<" in section and ">–<" in section  # the stage not yet trained
+    assert "0.3000" in section and "-0.3000" in section  # forgetting 0.9 - 0.6, backward transfer 0.6 - 0.9

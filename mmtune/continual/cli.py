@@ -50,4 +50,7 @@ def main(argv: list[str]) -> None:
     summary = run_continual(config, spec, run_dir)
     print(f"[mmtune] continual: {len(summary['stages'])} stages; accuracy matrix {summary['accuracy_matrix']}; "
           f"average forgetting {summary['average_forgetting']}, backward transfer {summary['backward_transfer']}")
-    print(f"[mmtune] run: {run_dir} (continual.json, metrics.json, checkpoints/)")
+    from mmtune.evaluation.report import write_report
+
+    report = write_report(run_dir)
+    print(f"[mmtune] run: {run_dir} (continual.json, metrics.json, checkpoints/); report: {report}")

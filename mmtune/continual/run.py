@@ -156,6 +156,7 @@ def run_continual(config: dict, spec: ContinualSpec, run_dir: Path) -> dict:
                **forgetting_summary([[v for v in r if v is not None] for r in matrix])}
     with atomic_write(run_dir / "continual.json", "w") as f:
         json.dump(summary, f, indent=2)
-    update_json(run_dir / "metrics.json", "continual", {k: summary[k] for k in
-                                                      ("accuracy_matrix", "average_forgetting", "backward_transfer")})
+    update_json(run_dir / "metrics.json", "continual", {
+        "stages": [s["name"] for s in stages_out],
+        **{k: summary.get(k) for k in ("accuracy_matrix", "average_forgetting", "backward_transfer", "forgetting_per_stage")}})
     return summary

@@ -34,9 +34,14 @@ def from_record(record: "ArrayRecord") -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
+ADAPTER_ONLY = (".lora_", "lora_magnitude_vector")  # peft tensors a model without the adapter lacks
+
+
 def full_model_bytes(module: nn.Module) -> int:
-    """Bytes a full fine-tuning run would send per message (every tensor of the model, float32)."""
-    return sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in module.state_dict().values())
+    """Bytes a full fine-tuning run would send per message: every tensor of the model (float32),
+    without the adapter's own tensors, which a fully fine-tuned model does not have."""
+    return sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for k, v in module.state_dict().items()
+               if not any(part in k for part in ADAPTER_ONLY))
 
 
 def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

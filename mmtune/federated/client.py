@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from mmtune.errors import ConfigError
 from mmtune.federated.arrays import from_record, to_record
+from mmtune.federated.secure import is_legacy_fit, legacy_fit_inputs, legacy_fit_reply, secure_aggregation_mod
 from mmtune.federated.site import Site
 from mmtune.federated.strategy import SITE_KEY
 
@@ -60,9 +61,14 @@ def query(message: Message, context: Context) -> Message:
     return Message(RecordDict({SITE_KEY: record}), reply_to=message)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
     site = site_of(context)
+    if is_legacy_fit(message):  # a SecAgg+ round (mmtune.federated.secure): Flower's mod masks the reply
+        tensors, config = legacy_fit_inputs(message)
+        site.describe(_classes(config))
+        result = site.fit_round(tensors, int(config.get("local-epochs", 1)), int(config.get("local-steps", 0)))
+        return legacy_fit_reply(message, result.tensors, result.samples, {"seconds": result.seconds})
     config = message.content["config"]
     site.describe(_classes(config))
     tensors = from_record(message.content["arrays"])

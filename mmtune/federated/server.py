@@ -75,6 +75,21 @@ class GlobalModel:
         return path
 
 
+def wait_for_sites(grid: Grid, count: int, timeout: float = 300, poll: float = 0.5) -> list[int]:
+    """The connected nodes, once at least `count` are connected or `timeout` seconds passed (SuperNodes
+    of a deployment connect at their own pace; Flower's strategies wait the same way for
+    `min_available_nodes`, but only from the first round on, after the site check)."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < count and time.monotonic() < deadline:
+        time.sleep(poll)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < count:
+        log.warning("[mmtune] %d of the %d sites (federated.min_sites) connected after %.0f s; going on with them",
+                    len(nodes), count, timeout)
+    return nodes
+
+
 def ask_sites(grid: Grid, classes: list[str], timeout: float = 600) -> dict[int, dict]:
     """Asks every connected site for its class list and training size before the first round.
 
@@ -106,13 +121,16 @@ def run_federation(grid: Grid, config: dict, spec: FederatedSpec, run_dir: Path,
     """Runs the rounds and writes `federated.json`, `rounds.csv` and `checkpoints/global.ckpt` in `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     model = GlobalModel(config, run_dir / "server", server_data)
+    wait_for_sites(grid, spec.min_sites)
     sites = ask_sites(grid, model.classes)
     if not sites:
         raise ConfigError("no site connected to the federation")
     names = {node: info["name"] for node, info in sites.items()}
-    strategy = CheckedStrategy(build_strategy(spec, len(sites)), names)
     initial = model.initial()
     test_rows: dict[int, dict] = {}
+    if spec.secure_aggregation:
+        return _run_secure(grid, spec, model, sites, initial, run_dir, test_rows)
+    strategy = CheckedStrategy(build_strategy(spec, len(sites)), names)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
         if not model.has_data:
@@ -129,6 +147,28 @@ def run_federation(grid: Grid, config: dict, spec: FederatedSpec, run_dir: Path,
     final = result.arrays if result.arrays is not None else initial
     ckpt = model.save(final, run_dir / "checkpoints" / "global.ckpt")
     return _write_report(run_dir, spec, sites, model, initial, strategy.rounds, test_rows,
+                         {"checkpoint": str(ckpt), "seconds": time.perf_counter() - start})
+
+
+def _run_secure(grid: Grid, spec: FederatedSpec, model: GlobalModel, sites: dict, initial: ArrayRecord,
+                run_dir: Path, test_rows: dict) -> dict:
+    """The rounds with Flower's SecAgg+ (`mmtune.federated.secure`): the server sees only the sum."""
+    from mmtune.federated.secure import run_secure_rounds
+
+    rounds: dict[int, dict] = {}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> Optional[dict]:
+        if not model.has_data:
+            return None
+        test_rows[server_round] = model.test(arrays)
+        _write_report(run_dir, spec, sites, model, initial, rounds, test_rows, None)
+        return test_rows[server_round]
+
+    train_config = {"classes": model.classes or [""], "local-epochs": spec.local_epochs, "local-steps": spec.local_steps}
+    start = time.perf_counter()
+    final = run_secure_rounds(grid, spec, initial, train_config, evaluate_fn, rounds, len(sites))
+    ckpt = model.save(final, run_dir / "checkpoints" / "global.ckpt")
+    return _write_report(run_dir, spec, sites, model, initial, rounds, test_rows,
                          {"checkpoint": str(ckpt), "seconds": time.perf_counter() - start})
 
 

@@ -8,6 +8,7 @@ imports torch again).
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import traceback
@@ -65,6 +66,9 @@ class InProcessGrid(Grid):
         replies = []
         for message in messages:
             context = self.contexts[message.metadata.dst_node_id]
+            # each site gets its own copy, as over a network: Flower's SecAgg+ workflow sends one content
+            # object to every site and its mod edits what it receives
+            message = copy.deepcopy(message)
             try:
                 replies.append(self.handler(self.app, message, context))
             except Exception as err:  # noqa: BLE001 - a failing site is a dropped site, as with a SuperNode

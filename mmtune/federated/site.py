@@ -1,8 +1,9 @@
 """One site: the task and data module of the task YAML, built once, fitted locally each round.
 
 A site runs ordinary Lightning fits of the unchanged task on its own data; what federation adds are
-two callbacks: `LoadGlobalTensors` (the global model's trainable tensors copied in once the task has
-built its model) and `ProximalGradient` (FedProx's proximal term). Nothing but the trainable tensors
+callbacks: `LoadGlobalTensors` (the global model's trainable tensors copied in once the task has
+built its model), `FrozenNormStatistics` (frozen BatchNorm layers keep their pretrained statistics)
+and `ProximalGradient` (FedProx's proximal term). Nothing but the trainable tensors
 (`mmtune.federated.arrays.trainable_tensors`) and counts/metrics leave a site.
 """
 
@@ -86,6 +87,22 @@ class LoadGlobalTensors(Callback):
         self._load(pl_module)
 
 
+class FrozenNormStatistics(Callback):
+    """Keeps BatchNorm layers whose own parameters are frozen (a backbone under an adapter) in eval
+    mode during a site's fit, so they normalize with their pretrained statistics.
+
+    Why: in train mode such a layer normalizes each batch by its own mean, and a non-IID site's batch
+    often holds one class, so the class's mean feature, the very signal the head needs, is subtracted
+    away; its running statistics also drift to the site's data and differ at evaluation. (Set on
+    every batch: Lightning puts the whole module back in train mode between stages.)"""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training and \
+                    not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
+
+
 class ProximalGradient(Callback):
     """FedProx's proximal term mu/2 * ||w - w_global||^2, added as its gradient mu * (w - w_global)
     after each backward pass, so the task's loss stays untouched."""
@@ -150,7 +167,7 @@ class Site:
         """Trains from the global tensors for `local_epochs` (or `local_steps`) and returns the new
         trainable tensors, the number of training samples and the fit's last logged metrics."""
         start = time.perf_counter()
-        callbacks: list[Callback] = [LoadGlobalTensors(tensors, f"site {self.name}")]
+        callbacks: list[Callback] = [LoadGlobalTensors(tensors, f"site {self.name}"), FrozenNormStatistics()]
         if proximal_mu > 0:
             callbacks.append(ProximalGradient(proximal_mu, tensors))
         callbacks += list(extra_callbacks or [])

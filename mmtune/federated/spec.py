@@ -36,6 +36,25 @@ class PrivacySpec:
 
 
 @dataclass
+class SecAggSpec:
+    """Settings of Flower's SecAgg+ (used when `federated.secure_aggregation` is true).
+
+    Args:
+        num_shares: shares of each site's secret (int > 2, or a share of the sampled sites).
+        reconstruction_threshold: shares needed to rebuild a secret (int, or a share of num_shares).
+        clipping_range: each tensor value is clipped to +-this before quantization.
+        max_weight: the largest weight (training samples) of one site.
+        timeout: seconds to wait for the sites' replies in each stage (None: no limit).
+    """
+
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 8.0
+    max_weight: float = 1000.0
+    timeout: Optional[float] = None
+
+
+@dataclass
 class SimulationSpec:
     """How `--simulate N` splits one data set into N sites.
 
@@ -73,7 +92,8 @@ class FederatedSpec:
         test_path: a server-side test set (passed as the data module's `path`); its test split scores
             the global model after every round.
         privacy: differential privacy.
-        secure_aggregation: SecAgg+ (refused: see `mmtune.federated.strategy.build_strategy`).
+        secure_aggregation: aggregate with Flower's SecAgg+ (FedAvg only; see `mmtune.federated.secure`).
+        secagg: the SecAgg+ settings.
         simulation: how `--simulate` splits the data.
     """
 
@@ -91,6 +111,7 @@ class FederatedSpec:
     test_path: Optional[str] = None
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     secure_aggregation: bool = False
+    secagg: SecAggSpec = field(default_factory=SecAggSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
 
     def __post_init__(self) -> None:
@@ -106,7 +127,7 @@ class FederatedSpec:
 def federated_spec(raw: Optional[dict]) -> FederatedSpec:
     """A FederatedSpec from the plain dict of a YAML section; unknown keys are named in the error."""
     raw = dict(raw or {})
-    nested = {"privacy": PrivacySpec, "simulation": SimulationSpec}
+    nested = {"privacy": PrivacySpec, "simulation": SimulationSpec, "secagg": SecAggSpec}
     known = {f.name for f in dataclasses.fields(FederatedSpec)}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -33,12 +33,13 @@ SITE_KEY = "site"  # the ConfigRecord in every reply: {"name": ..., metrics of t
 def build_strategy(spec: FederatedSpec, sites: int) -> Strategy:
     """Flower's strategy for `spec`, wrapped in Flower's server-side DP clipping when enabled.
 
-    SecAgg+ is refused: in flwr 1.42 it exists only as a workflow of the legacy strategy API
+    SecAgg+ is refused here: in flwr 1.42 it exists only as a workflow of the legacy strategy API
     (`flwr.server.workflow.SecAggPlusWorkflow` with `flwr.server.strategy`), which does not compose
-    with the Message-API strategies used here."""
+    with the Message-API strategies built here; `run_federation` runs that workflow instead
+    (`mmtune.federated.secure`)."""
     if spec.secure_aggregation:
         raise ConfigError("federated.secure_aggregation: SecAgg+ is not available with Flower's Message-API "
-                          "strategies in flwr 1.42 (only the legacy workflow has it); use federated.privacy for DP")
+                          "strategies in flwr 1.42 (only the legacy workflow has it: mmtune.federated.secure)")
     common = {"fraction_train": spec.fraction_fit, "fraction_evaluate": spec.fraction_evaluate,
               "min_train_nodes": min(spec.min_sites, sites), "min_evaluate_nodes": min(spec.min_sites, sites) if spec.fraction_evaluate else 0,
               "min_available_nodes": min(spec.min_sites, sites)}

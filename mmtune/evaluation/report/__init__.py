@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mmtune.evaluation.report import classification, examples, results, summary
+from mmtune.evaluation.report import classification, continual, examples, results, summary
 from mmtune.evaluation.report.collect import RunData, collect
 from mmtune.evaluation.report.html import Section, esc, note, page
 from mmtune.files import write_text_atomic
@@ -31,6 +31,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[RunData], Section]], ...] = (
     ("comparison", "Tuned against baseline", results.comparison_section),
     ("subgroups", "Subgroups", results.subgroups_section),
     ("retention", "Retention (forgetting checks)", results.retention_section),
+    ("continual", "Continual stages", continual.continual_section),
     ("confusion", "Confusion matrix", classification.confusion_section),
     ("curves", "ROC and precision-recall", classification.ranking_section),
     ("calibration", "Calibration", classification.calibration_section),
