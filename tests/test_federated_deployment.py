@@ -80,8 +80,9 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, tiny_models):
 
     def start(name, *args):
         out = (logs / f"{name}.log").open("w")
+        # cwd: Flower keeps even its "in-memory" state as SQLite files in the working directory
         procs.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+                                      start_new_session=True, cwd=logs))
 
     try:
         start("superlink", "flower-superlink", "--insecure", "--port", str(link_port),
