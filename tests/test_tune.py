@@ -233,7 +233,7 @@ def test_median_pruner_stops_a_clearly_worse_trial(tmp_path, tiny_models, color_
     runs = tmp_path / "runs"
     base = _base(tmp_path, tiny_models, color_set, epochs=3)
     search = _search(tmp_path / "prune.yaml", {LR: {"type": "float", "low": 1e-6, "high": 1e-1, "log": True}},
-                     n_trials=2, enqueue=[{LR: 3e-2}, {LR: 1e-6}],
+                     n_trials=2, enqueue=[{LR: 3e-3}, {LR: 1e-6}],
                      pruner={"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
     run_cli("tune", "--config", base, "--search", search, "--runs_dir", runs)
     good, bad = _study(runs, "prune").get_trials()
