@@ -9,11 +9,13 @@ from typing import Literal, Optional
 
 import torch
 
+from mmtune.errors import ConfigError
 from mmtune.models.hf import stop_token_ids
 from mmtune.rewards import RewardSpec
 from mmtune.specs import AdapterSpec, ModelSpec, MonitorSpec, OptimizerSpec
 from mmtune.tasks import common
-from mmtune.tasks.grpo_rollout import Rollout, VLLMSampler, build_rollout, completion_logps, sample_group
+from mmtune.tasks.grpo_rollout import (MERGEABLE, Rollout, VLLMSampler, build_rollout, completion_logps, sample_group,
+                                      vllm_weights)
 from mmtune.tasks.grpo_steps import GRPOSpec, GRPOSteps
 from mmtune.tasks.sft import CausalLMTask, GenerationSpec
 
@@ -60,6 +62,9 @@ class GRPOTask(GRPOSteps, CausalLMTask):
         # Its loss is per-token log-ratios of sampled completions, not the SFT token loss: no chunked switch.
         self.hparams.pop("chunked_loss", None)
         self._init_grpo(grpo, rewards, "GRPOTask")
+        if self.grpo_spec.backend == "vllm" and self.adapter_spec.method not in MERGEABLE:
+            raise ConfigError(f"grpo.backend: vllm runs merged weights; adapter.method {self.adapter_spec.method!r} "
+                              f"does not merge (use one of {', '.join(MERGEABLE)}, or backend: generate)")
         self._vllm: Optional[VLLMSampler] = None
 
     def configure_model(self) -> None:
@@ -82,13 +87,12 @@ class GRPOTask(GRPOSteps, CausalLMTask):
     def _sample_vllm(self, ids: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
         spec = self.grpo_spec
         if self._vllm is None:
-            self._vllm = VLLMSampler(self.model_spec.name)
-        raw = self._raw()
+            dtype = str(next(self.net.parameters()).dtype).removeprefix("torch.")
+            self._vllm = VLLMSampler(self.model_spec.name, dtype=dtype, seed=torch.initial_seed() % 2**31)
         if self.adapter_spec.method != "none":
             self.net.merge_adapter()
         try:
-            weights = {k.replace(".base_layer", ""): v for k, v in raw.state_dict().items() if "lora_" not in k}
-            self._vllm.load_weights(weights)
+            self._vllm.load_weights(vllm_weights(self._raw()))
         finally:
             if self.adapter_spec.method != "none":
                 self.net.unmerge_adapter()

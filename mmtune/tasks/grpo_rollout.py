@@ -181,21 +181,27 @@ def check_backend(backend: str) -> None:
 
 class VLLMSampler:
     """Samples with a colocated vLLM engine, the policy's current weights loaded before each generation
-    (merged adapters). Only built where vLLM and a GPU are present; not exercised by the CPU test suite.
+    (adapters merged first), as TRL's colocate mode does. Only built where vLLM and a GPU are present;
+    the CPU suite runs it against a recording engine (tests/test_grpo.py), not a real one.
 
     Args:
         model_path: the base model folder (vLLM reads its config and tokenizer).
+        dtype: the policy's dtype, so the pushed weights need no cast.
+        seed: vLLM's sampling seed.
         gpu_memory_utilization: the share of GPU memory vLLM may take.
     """
 
-    def __init__(self, model_path: str, gpu_memory_utilization: float = 0.3) -> None:
+    def __init__(self, model_path: str, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.3) -> None:
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_prefix_caching=True)
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
-        items = list(named_tensors.items())
-        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(items)
+        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(list(named_tensors.items()))
+        # The prefix cache holds prompt keys and values of the old weights: drop them, or the next
+        # generation would attend to what the previous policy computed.
+        self.llm.reset_prefix_cache()
 
     def sample(self, prompt_ids: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
                top_p: float, top_k: int) -> list[list[int]]:
@@ -205,3 +211,18 @@ class VLLMSampler:
                                 top_k=top_k if top_k > 0 else -1)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         return [list(c.token_ids) for out in outputs for c in out.outputs]
+
+
+MERGEABLE = ("none", "lora", "vera")  # methods whose weights fold into the base layers vLLM runs
+
+
+def vllm_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's weights under the names vLLM's model expects, once the adapters are merged into
+    them: peft's `.base_layer` and `modules_to_save.default.` dropped, the adapters' own tensors and the
+    original copies of trained modules left out (TRL's `_iter_named_params` does the same)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or "vera_" in name or "original_module" in name:
+            continue
+        out[name.replace(".base_layer", "").replace("modules_to_save.default.", "")] = tensor
+    return out
