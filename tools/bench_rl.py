@@ -10,8 +10,9 @@ Reported per side:
   trains on; padding left out) / wall time of the training loop; generated tokens/s alone beside it;
 - the mean training reward of the last 5 steps, and the reward of greedy answers to 16 held-out
   prompts after training, computed for both sides by the same code.
-Over several `--seeds`, tokens/s is the median (one run on a busy machine can be several times slower)
-and rewards the mean.
+Over several `--seeds`, tokens/s is the median (one run on a busy machine can be several times slower),
+rewards the mean, and the reward difference comes with a 95% bootstrap interval over the seeds: a tiny
+model ends on one of two plateaus by chance, so a handful of seeds cannot tell the sides apart.
 
 The toy task: prompts "Say a word: <w>", reward = share of the letter `a` in the completion (dense, so a
 tiny model learns it in a few dozen steps).
@@ -216,6 +217,16 @@ def run_trl(model_dir: str, train_prompts: list[str], held_out: list[str], args)
             "held_out_reward": greedy_reward(trainer.model, tokenizer, held_out, args.max_new_tokens)}
 
 
+def paired_interval(differences: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """The 95% bootstrap interval of the mean of paired differences (one per seed: the same prompts and
+    initial weights on both sides). Written out because the toy task's outcome is bimodal (a run ends on
+    one plateau or the other), so a normal approximation over a dozen seeds would be poor."""
+    rng = random.Random(seed)
+    n = len(differences)
+    means = sorted(sum(rng.choice(differences) for _ in range(n)) / n for _ in range(draws))
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
 def one_seed(model_dir: str, root: Path, args) -> dict:
     """Both sides on the prompts of `args.seed`."""
     train_prompts = prompts(args.steps * args.prompts, args.seed)
@@ -288,7 +299,18 @@ def main(argv=None) -> dict:
     for name, r in summary.items():
         print(f"{name:7} tokens/s {r['tokens_per_s']:8.0f}  generated/s {r['generated_per_s']:7.0f}  reward first 5 steps "
               f"{r['reward_first5']:.3f} -> last 5 {r['reward_last5']:.3f}  held-out greedy {r['held_out_reward']:.3f}")
-    print(f"mmtune / TRL tokens/s: {mm['tokens_per_s'] / trl['tokens_per_s']:.2f}x")
+    print(f"mmtune / TRL tokens/s: {mm['tokens_per_s'] / trl['tokens_per_s']:.2f}x (medians); per seed: "
+          + ", ".join(f"{run['mmtune']['tokens_per_s'] / run['trl']['tokens_per_s']:.2f}x" for run in runs))
+    if len(runs) > 1:
+        # Equal reward is a statement about the distribution over seeds: each seed ends on a plateau
+        # (0.2 or 0.5 in the toy task) by chance, so compare the paired mean difference with its interval.
+        for key, label in (("held_out_reward", "held-out greedy"), ("reward_last5", "last 5 steps")):
+            diffs = [run["mmtune"][key] - run["trl"][key] for run in runs]
+            low, high = paired_interval(diffs)
+            summary.setdefault("difference", {})[key] = {"mean": statistics.fmean(diffs), "ci95": [low, high]}
+            verdict = "equal within the interval" if low <= 0 <= high else ("mmtune higher" if low > 0 else "TRL higher")
+            print(f"reward ({label}), mmtune - TRL over {len(diffs)} seeds: {statistics.fmean(diffs):+.3f}, "
+                  f"95% interval [{low:+.3f}, {high:+.3f}]: {verdict}")
     if args.threads > 1 and not args.quick:
         # Threads on a shared machine can cost more than they give: compare with one thread, briefly.
         single = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 5), "threads": 1, "seed": args.seeds[0]})
