@@ -401,3 +401,49 @@ def test_grpo_under_two_process_ddp_splits_prompts_and_keeps_ranks_in_step(tmp_p
     assert sorted(s["origin"] for s in samples) == sorted({s["origin"] for s in samples}) and len(samples) == 3
     rewards = [r["train/reward"] for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/reward")]
     assert len(rewards) == 2
+
+
+def test_folded_adapters_sample_what_the_adapted_model_samples_and_restore_it_exactly(qwen2):
+    from mmtune.adapters.folded import folded_adapters
+
+    task = _task(qwen2)
+    task.configure_model()
+    with torch.no_grad():
+        for name, p in task.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    net = task.net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        adapted = net(input_ids=ids).logits
+        with folded_adapters(net) as folded:
+            once = net(input_ids=ids).logits
+        base = net.get_base_model()
+        with net.disable_adapter():
+            plain = net(input_ids=ids).logits
+    assert folded
+    assert torch.allclose(once, adapted, atol=1e-5) and not torch.allclose(plain, adapted, atol=1e-3)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items()), "restored bit for bit"
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad is False
+    torch.manual_seed(0)
+    folded_sample = task._sample(_prompt_batch(task), 2, True, 1.0, 1.0)
+    task.grpo_spec.fold_adapters = False
+    torch.manual_seed(0)
+    assert torch.equal(task._sample(_prompt_batch(task), 2, True, 1.0, 1.0), folded_sample)  # the same tokens
+    assert folded_sample.shape[0] == 4
+
+
+def _prompt_batch(task) -> dict:
+    pad = task.tokenizer.pad_token_id
+    return {"input_ids": torch.tensor([[pad, 21, 25, 27], [21, 25, 27, 29]]),
+            "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])}
+
+
+def test_prompt_learning_is_sampled_as_it_is(qwen2):
+    from mmtune.adapters.folded import folded_adapters
+
+    task = _task(qwen2, adapter="prompt")
+    task.configure_model()
+    with folded_adapters(task.net) as folded:
+        assert not folded

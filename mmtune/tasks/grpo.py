@@ -82,7 +82,7 @@ class GRPOTask(GRPOSteps, CausalLMTask):
         if spec.backend == "vllm" and do_sample:
             return self._sample_vllm(ids, mask, group)
         return sample_group(self.net, ids, mask, group, spec.max_new_tokens, stops, self.tokenizer.pad_token_id,
-                            temperature, top_p, spec.top_k, do_sample)
+                            temperature, top_p, spec.top_k, do_sample, fold_adapters=spec.fold_adapters)
 
     def _sample_vllm(self, ids: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
         spec = self.grpo_spec

@@ -120,7 +120,8 @@ class VisionGRPOTask(GRPOSteps, VisionLanguageTask):
         # a copy of the ids: some families' generate edits them in place
         full = generate_completions(self.net, {"input_ids": prompt_ids.clone(), "attention_mask": prompt_mask, **inputs},
                                     spec.max_new_tokens, stops, self.processor.tokenizer.pad_token_id, temperature,
-                                    top_p, spec.top_k, do_sample, suppress_ids=encoding.image_ids)
+                                    top_p, spec.top_k, do_sample, suppress_ids=encoding.image_ids,
+                                    fold_adapters=spec.fold_adapters)
         return build_rollout(prompt_ids, prompt_mask, full[:, prompt_ids.shape[1]:], stops, self.processor.tokenizer,
                              inputs)
 
