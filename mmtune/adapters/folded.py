@@ -33,7 +33,7 @@ def _foldable_layers(net: nn.Module) -> list[nn.Module]:
         base = layer.get_base_layer()
         weight = getattr(base, "weight", None)
         if (type(base) is not nn.Linear or type(weight) is not nn.Parameter or not weight.is_floating_point()
-                or layer.merged or any(getattr(layer, "use_dora", {}).get(a) for a in layer.active_adapters)
+                or layer.merged or layer.disable_adapters or any(getattr(layer, "use_dora", {}).get(a) for a in layer.active_adapters)
                 or any(getattr(layer, "lora_bias", {}).get(a) for a in layer.active_adapters)):
             return []
     return layers
@@ -53,7 +53,8 @@ def folded_adapters(net: nn.Module, enabled: bool = True) -> Iterator[bool]:
             for layer in layers:
                 base = layer.get_base_layer()
                 weight = base.weight
-                delta = sum(layer.get_delta_weight(a).float() for a in layer.active_adapters)
+                own = getattr(layer, layer.adapter_layer_names[0])  # the adapters this layer holds
+                delta = sum(layer.get_delta_weight(a).float() for a in layer.active_adapters if a in own)
                 originals.append((base, weight))
                 base.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
         with net.disable_adapter():  # the layers now compute base_layer(x) only: the folded weights
