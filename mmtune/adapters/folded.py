@@ -32,9 +32,9 @@ def _foldable_layers(net: nn.Module) -> list[nn.Module]:
     for layer in layers:
         base = layer.get_base_layer()
         weight = getattr(base, "weight", None)
-        if (type(base) is not nn.Linear or type(weight) is not nn.Parameter or not weight.is_floating_point()
-                or layer.merged or layer.disable_adapters or any(getattr(layer, "use_dora", {}).get(a) for a in layer.active_adapters)
-                or any(getattr(layer, "lora_bias", {}).get(a) for a in layer.active_adapters)):
+        plain = type(base) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
+        extras = any(getattr(layer, name, {}).get(a) for name in ("use_dora", "lora_bias") for a in layer.active_adapters)
+        if not plain or extras or layer.merged or layer.disable_adapters:
             return []
     return layers
 

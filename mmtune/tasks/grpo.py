@@ -4,11 +4,13 @@ group-normalised advantages, a clipped policy loss and a KL penalty to the refer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Literal, Optional
 
 import torch
 
+from mmtune.adapters.folded import folded_adapters
 from mmtune.errors import ConfigError
 from mmtune.models.hf import stop_token_ids
 from mmtune.rewards import RewardSpec
@@ -89,13 +91,13 @@ class GRPOTask(GRPOSteps, CausalLMTask):
         if self._vllm is None:
             dtype = str(next(self.net.parameters()).dtype).removeprefix("torch.")
             self._vllm = VLLMSampler(self.model_spec.name, dtype=dtype, seed=torch.initial_seed() % 2**31)
-        if self.adapter_spec.method != "none":
-            self.net.merge_adapter()
-        try:
+        with contextlib.ExitStack() as stack:
+            # The adapters folded into temporary weights (the trained ones come back exactly); peft's
+            # in-place merge only where folding does not apply (DoRA, a quantized base).
+            if not stack.enter_context(folded_adapters(self.net)) and self.adapter_spec.method != "none":
+                self.net.merge_adapter()
+                stack.callback(self.net.unmerge_adapter)
             self._vllm.load_weights(vllm_weights(self._raw()))
-        finally:
-            if self.adapter_spec.method != "none":
-                self.net.unmerge_adapter()
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         outs = self._vllm.sample(prompts, group, spec.max_new_tokens, spec.temperature, spec.top_p, spec.top_k)
         width = max(len(o) for o in outs)
