@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -301,11 +300,8 @@ def test_grpo_under_two_process_ddp_splits_prompts_and_keeps_ranks_in_step(tmp_p
     """Two gloo processes with the DDP preset: each rank samples its own prompts' groups, the token-mean
     loss is reduced over both, and DDP keeps the adapters equal; validation writes every prompt once."""
     import csv
-    import os
-    import subprocess
-    import sys
 
-    from support.ddp_runs import DDP_PRESET
+    from support.ddp_runs import fit_with_ddp_preset
 
     train = write_jsonl(tmp_path / "train.jsonl", prompt_rows(8, 0))
     val = write_jsonl(tmp_path / "val.jsonl", prompt_rows(3, 1))  # odd: the sampler pads one rank
@@ -313,18 +309,12 @@ def test_grpo_under_two_process_ddp_splits_prompts_and_keeps_ranks_in_step(tmp_p
     config = grpo_config(tmp_path / "grpo.yaml", qwen2, train, val, {
         "max_epochs": 1, "callbacks": [{"class_path": "support.rank_probe.RankProbe", "init_args": {"out_dir": str(probe)}}]},
         monitor={"metric": "val/reward", "mode": "max", "early_stopping": False})
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "mmtune", "fit", "--config", str(DDP_PRESET), "--config", str(config),
-                           "--trainer.devices", "2", "--trainer.precision", "32-true", "--runs_dir", str(tmp_path / "runs"),
-                           "--run_name", "grpo_ddp"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run = fit_with_ddp_preset(config, tmp_path / "runs", "grpo_ddp", devices=2)
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["steps"] for r in ranks] == [2, 2]  # 8 prompts, 2 a rank a step
     assert not set(ranks[0]["origins"]) & set(ranks[1]["origins"])  # each prompt trained on one rank
     assert len(ranks[0]["origins"] + ranks[1]["origins"]) == 8
     assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], rel=1e-6)  # the same adapters on both
-    run = next((tmp_path / "runs" / "grpo_ddp").glob("version_*"))
     samples = [json.loads(line) for line in next(run.glob("samples/val_step_*.jsonl")).read_text().splitlines()]
     assert sorted(s["origin"] for s in samples) == sorted({s["origin"] for s in samples}) and len(samples) == 3
     rewards = [r["train/reward"] for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/reward")]

@@ -217,14 +217,18 @@ def run_trl(model_dir: str, train_prompts: list[str], held_out: list[str], args)
             "held_out_reward": greedy_reward(trainer.model, tokenizer, held_out, args.max_new_tokens)}
 
 
-def paired_interval(differences: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """The 95% bootstrap interval of the mean of paired differences (one per seed: the same prompts and
-    initial weights on both sides). Written out because the toy task's outcome is bimodal (a run ends on
-    one plateau or the other), so a normal approximation over a dozen seeds would be poor."""
-    rng = random.Random(seed)
-    n = len(differences)
-    means = sorted(sum(rng.choice(differences) for _ in range(n)) / n for _ in range(draws))
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+def paired_interval(differences: list[float], resamples: int = 10_000) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of the mean of paired differences (one per seed: the same
+    prompts and initial weights on both sides), on mmtune's seeded resampler. Percentiles, not a normal
+    approximation: the toy task's outcome is bimodal (a run ends on one plateau or the other)."""
+    import numpy as np
+
+    from mmtune.evaluation.bootstrap import BootstrapSpec, resample_weights
+
+    d = np.asarray(differences, dtype=float)
+    means = np.concatenate([w @ d / len(d) for w in resample_weights(len(d), BootstrapSpec(resamples=resamples))])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def one_seed(model_dir: str, root: Path, args) -> dict:

@@ -15,13 +15,18 @@ import torch
 DDP_PRESET = Path(__file__).parent.parent.parent / "configs" / "trainer" / "ddp.yaml"
 
 
+TESTS = Path(__file__).parent.parent
+
+
 def fit_with_ddp_preset(config: Path, runs: Path, name: str, devices: int) -> Path:
-    """Runs `mmtune fit` in a subprocess (Lightning starts the other process) and returns its run directory."""
+    """Runs `mmtune fit` in a subprocess (Lightning starts the other process) and returns its run directory.
+    The tests folder is on the path, so a config may name `support.*` callbacks and rewards."""
     done = subprocess.run([sys.executable, "-m", "mmtune", "fit", "--config", str(DDP_PRESET), "--config", str(config),
                            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
                            "--trainer.precision", "32-true", "--runs_dir", str(runs), "--run_name", name],
                           cwd=runs.parent, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert done.returncode == 0, done.stderr[-4000:]
     versions = sorted((runs / name).glob("version_*"))
     assert len(versions) == 1, versions

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch
 
 
 class RankProbe(L.Callback):
@@ -24,4 +23,4 @@ class RankProbe(L.Callback):
                   float(sum(p.abs().sum() for p in trained.values()))]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"origins": self.origins, "digest": digest, "steps": trainer.global_step, "threads": torch.get_num_threads()}))
+            {"origins": self.origins, "digest": digest, "steps": trainer.global_step}))
